@@ -1,0 +1,53 @@
+"""scikit-learn's 8x8 handwritten digits as a real, tiny ImageFolder dataset."""
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from vitrain.data.imagefolder import ImageFolderDataModule
+
+_COMPLETE = ".complete"
+
+
+def write_digits_imagefolder(root: Path, val_fraction: float, split_seed: int) -> None:
+    """Write train/<digit>/*.png and val/<digit>/*.png once; a marker file says it is whole."""
+    if (root / _COMPLETE).exists():
+        return
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+    indices = np.arange(len(images))
+    train_idx, val_idx = train_test_split(
+        indices, test_size=val_fraction, random_state=split_seed, stratify=digits.target
+    )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: an interrupted write never looks complete.
+    staging = Path(tempfile.mkdtemp(prefix=".digits-", dir=root.parent))
+    for split, idx in (("train", train_idx), ("val", val_idx)):
+        for i in idx:
+            folder = staging / split / str(digits.target[i])
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i], mode="L").save(folder / f"{i:04d}.png")
+    (staging / _COMPLETE).write_text(f"val_fraction={val_fraction} split_seed={split_seed}\n")
+    if root.exists():
+        shutil.rmtree(root)
+    staging.rename(root)
+
+
+class DigitsDataModule(ImageFolderDataModule):
+    def __init__(self, *args, val_fraction: float = 0.2, split_seed: int = 0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
+
+    def prepare_data(self) -> None:
+        write_digits_imagefolder(self.root, self.val_fraction, self.split_seed)
+
+    def check(self) -> None:
+        self.prepare_data()
+        super().check()

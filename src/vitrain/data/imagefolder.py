@@ -1,0 +1,110 @@
+"""ImageNet-style ImageFolder data: root/train/<class>/*.JPEG and root/val/<class>/*.JPEG."""
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+
+from vitrain.data.batching import auto_num_workers, per_device_batch_size
+from vitrain.data.transforms import eval_transform, train_transform
+from vitrain.errors import UserError
+
+SPLITS = ("train", "val")
+
+
+class ImageFolderDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        root: str,
+        batch_size: int,
+        num_workers: int | str,
+        image_size: int,
+        num_classes: int,
+        augment: dict,
+        eval_crop_pct: float,
+        mean: list[float],
+        std: list[float],
+        pin_memory: bool = True,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.image_size = image_size
+        self.num_classes = num_classes
+        self.augment = dict(augment)
+        self.eval_crop_pct = eval_crop_pct
+        self.mean, self.std = list(mean), list(std)
+        self.pin_memory = pin_memory
+        self.datasets: dict[str, ImageFolder] = {}
+
+    def check(self) -> None:
+        """Fail before training, naming the path and the override, if the layout is wrong."""
+        for split in SPLITS:
+            split_dir = self.root / split
+            classes = (
+                sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+                if split_dir.is_dir()
+                else []
+            )
+            if not classes:
+                raise UserError(
+                    f"data.root={self.root} has no class folders in {split_dir}: expected "
+                    f"{self.root}/{split}/<class>/<image files>. Point data.root=/path/to/imagenet "
+                    "at such a folder (README 'ImageNet layout'), or run experiment=quickstart."
+                )
+            if len(classes) != self.num_classes:
+                raise UserError(
+                    f"data.num_classes={self.num_classes} but {split_dir} has {len(classes)} class "
+                    f"folders: set data.num_classes={len(classes)}."
+                )
+
+    @property
+    def per_device_batch_size(self) -> int:
+        world_size = self.trainer.world_size if self.trainer else 1
+        return per_device_batch_size(self.batch_size, world_size)
+
+    @property
+    def workers(self) -> int:
+        if self.num_workers == "auto":
+            return auto_num_workers(self.trainer.num_devices if self.trainer else 1)
+        return int(self.num_workers)
+
+    def setup(self, stage: str | None = None) -> None:
+        transforms = {
+            "train": train_transform(self.image_size, self.augment, self.mean, self.std),
+            "val": eval_transform(
+                self.image_size,
+                self.eval_crop_pct,
+                self.augment["interpolation"],
+                self.mean,
+                self.std,
+            ),
+        }
+        for split in SPLITS:
+            if split not in self.datasets:
+                try:
+                    self.datasets[split] = ImageFolder(self.root / split, transforms[split])
+                except FileNotFoundError as err:
+                    raise UserError(f"data.root={self.root}: {err}") from None
+
+    def _loader(self, split: str) -> DataLoader:
+        workers = self.workers
+        training = split == "train"
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.per_device_batch_size,
+            shuffle=training,
+            drop_last=training,  # timm's Mixup needs equal, even batches
+            num_workers=workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")

@@ -1,0 +1,60 @@
+"""Loggers from the logger/ group; wandb runs offline unless a key is found, and never prompts."""
+
+import netrc
+import os
+from urllib.parse import urlparse
+
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import DictConfig, OmegaConf
+
+from vitrain.errors import UserError
+
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def has_wandb_api_key() -> bool:
+    """True when wandb would authenticate without asking: WANDB_API_KEY or a `wandb login` netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """WANDB_MODE from the environment wins; `auto` means online only with a key."""
+    if mode not in WANDB_MODES:
+        raise UserError(f"logger.wandb.mode={mode} is not one of {', '.join(WANDB_MODES)}.")
+    env_mode = os.environ.get("WANDB_MODE")
+    if env_mode:
+        return "offline" if env_mode == "dryrun" else env_mode
+    if mode == "auto":
+        return "online" if has_wandb_api_key() else "offline"
+    return mode
+
+
+def build_loggers(logger_cfg: DictConfig | None) -> list[Logger]:
+    loggers = []
+    for name, node in (logger_cfg or {}).items():
+        if name == "wandb":
+            node = OmegaConf.merge(node, {"mode": resolve_wandb_mode(node.get("mode", "auto"))})
+        loggers.append(instantiate(node, _convert_="all"))
+    return loggers
+
+
+def finish_loggers(loggers: list[Logger]) -> None:
+    """End each wandb run so that the next job of a multirun starts its own."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            run = logger.experiment
+            offline = run.settings.mode in ("offline", "dryrun") if run.settings else False
+            run_dir = os.path.dirname(run.dir) if run.dir else None
+            run.finish()
+            if offline and run_dir:
+                rank_zero_info(
+                    f"wandb: offline run saved in {run_dir}; upload it with: wandb sync {run_dir}"
+                )

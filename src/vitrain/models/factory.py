@@ -1,0 +1,45 @@
+"""timm ViTs from config: random init, no download, sized by the data."""
+
+import difflib
+
+import timm
+from torch import nn
+
+from vitrain.errors import UserError
+
+
+def create_vit(
+    name: str,
+    patch_size: int,
+    img_size: int,
+    num_classes: int,
+    drop_path_rate: float = 0.0,
+    grad_checkpointing: bool = False,
+    kwargs: dict | None = None,
+) -> nn.Module:
+    """A timm VisionTransformer built from `name` with the data's image size and classes."""
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models("*vit*"), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise UserError(
+            f"model.name={name} is not a timm model.{hint} "
+            "Pick a preset with model=vit_micro|vit_ti16|vit_s16|vit_b16|vit_b32|vit_l16."
+        )
+    if img_size % patch_size:
+        fit = img_size // patch_size * patch_size or patch_size
+        raise UserError(
+            f"data.image_size={img_size} is not divisible by model.patch_size={patch_size}: "
+            f"use a multiple of {patch_size}, e.g. data.image_size={fit}."
+        )
+    model = timm.create_model(
+        name,
+        pretrained=False,
+        num_classes=num_classes,
+        img_size=img_size,
+        patch_size=patch_size,
+        drop_path_rate=drop_path_rate,
+        **(kwargs or {}),
+    )
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model

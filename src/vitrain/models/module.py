@@ -1,0 +1,150 @@
+"""The LightningModule: a timm ViT trained with the DeiT recipe."""
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from vitrain.errors import UserError
+from vitrain.models.factory import create_vit
+
+# torch.compile wraps a module as `_orig_mod`; checkpoints written by a wrapped model carry it.
+_COMPILE_PREFIX = "_orig_mod."
+
+
+class ViTClassifier(pl.LightningModule):
+    """Image classification with a timm ViT.
+
+    Metrics accumulate on the device (torchmetrics) so that the training step never waits for
+    the host; the loss is read on the host only when Lightning logs it.
+    """
+
+    def __init__(
+        self,
+        model: dict,
+        recipe: dict,
+        global_batch_size: int,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_cfg = dict(model)
+        self.recipe = recipe
+        self.model = create_vit(**self.model_cfg)
+        num_classes = self.model_cfg["num_classes"]
+
+        mixing = recipe["mixup_alpha"] > 0 or recipe["cutmix_alpha"] > 0
+        self.mixup = (
+            Mixup(
+                mixup_alpha=recipe["mixup_alpha"],
+                cutmix_alpha=recipe["cutmix_alpha"],
+                prob=recipe["mixup_prob"],
+                switch_prob=recipe["mixup_switch_prob"],
+                label_smoothing=recipe["label_smoothing"],
+                num_classes=num_classes,
+            )
+            if mixing
+            else None
+        )
+        # With mixup the targets are soft (smoothing included); without, smoothing is the loss's.
+        self.train_criterion = (
+            SoftTargetCrossEntropy()
+            if mixing
+            else nn.CrossEntropyLoss(label_smoothing=recipe["label_smoothing"])
+        )
+        self.val_criterion = nn.CrossEntropyLoss()
+        self.train_loss = MeanMetric()
+        self.val_loss = MeanMetric()
+        self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+        if compile:
+            # Module.compile keeps parameter names (no `_orig_mod.`): checkpoints load either way.
+            self.model.compile()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)
+        loss = self.train_criterion(self(images), targets)
+        # Rank 0's step loss, read on the host only every log_every_n_steps; the epoch mean is
+        # accumulated on the device and reduced across ranks once per epoch.
+        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=images.shape[0])
+        self.train_loss.update(loss.detach(), weight=images.shape[0])
+        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        images, targets = batch
+        logits = self(images)
+        self.val_loss.update(self.val_criterion(logits, targets), weight=images.shape[0])
+        self.val_acc1.update(logits, targets)
+        self.val_acc5.update(logits, targets)
+        self.log("val/loss", self.val_loss, on_epoch=True)
+        self.log("val/acc1", self.val_acc1, on_epoch=True, prog_bar=True)
+        self.log("val/acc5", self.val_acc5, on_epoch=True)
+
+    @property
+    def learning_rate(self) -> float:
+        """base_lr scaled by the images per optimizer update over 512 (the DeiT rule)."""
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer else 1
+        images_per_update = self.hparams.global_batch_size * accumulate
+        return self.recipe["base_lr"] * images_per_update / 512
+
+    def configure_optimizers(self) -> dict:
+        recipe = self.recipe
+        fused = recipe["fused"]
+        if fused is None:
+            fused = self.device.type == "cuda"
+        # timm leaves out of weight decay: 1-d parameters (norms, biases) and no_weight_decay()
+        # (position embedding, class token).
+        optimizer = create_optimizer_v2(
+            self.model,
+            opt=recipe["optimizer"],
+            lr=self.learning_rate,
+            weight_decay=recipe["weight_decay"],
+            betas=tuple(recipe["betas"]),
+            eps=recipe["eps"],
+            **({"fused": True} if fused else {}),
+        )
+        total_updates = self.trainer.estimated_stepping_batches
+        if total_updates == float("inf"):
+            raise UserError(
+                "trainer.max_epochs and trainer.max_steps are both unbounded: the cosine schedule "
+                "needs a length. Set trainer.max_epochs=N or trainer.max_steps=N."
+            )
+        epochs = max(self.trainer.max_epochs or 1, 1)
+        warmup = round(recipe["warmup_epochs"] * total_updates / epochs)
+        warmup = min(warmup, max(int(total_updates) - 1, 0))
+        scheduler = CosineLRScheduler(
+            optimizer,
+            t_initial=max(int(total_updates) - warmup, 1),
+            lr_min=recipe["min_lr"],
+            warmup_t=warmup,
+            warmup_lr_init=recipe["warmup_lr"],
+            warmup_prefix=True,
+            t_in_epochs=False,
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def lr_scheduler_step(self, scheduler: CosineLRScheduler, metric: Any) -> None:
+        # timm schedulers are not torch LRSchedulers: they take the update count.
+        scheduler.step_update(num_updates=self.global_step)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Accept checkpoints written by a model wrapped with torch.compile(model).
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if _COMPILE_PREFIX in k]:
+            state[key.replace(_COMPILE_PREFIX, "")] = state.pop(key)

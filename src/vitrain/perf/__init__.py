@@ -1,0 +1,3 @@
+from vitrain.perf.speed import SpeedMonitor
+
+__all__ = ["SpeedMonitor"]

@@ -1,0 +1,204 @@
+"""Per-epoch speed telemetry: epoch time, images/s, step times, input stalls, GPU use and MFU.
+
+Lightning's ThroughputMonitor logs per step and reads the device on the host; this callback
+keeps host timestamps during the epoch and talks to the device only at segment boundaries
+(epoch start and end, validation start and end): no host-device sync inside the training step.
+"""
+
+import statistics
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.data import extract_batch_size
+
+from vitrain.perf.flops import training_flops_per_image
+from vitrain.perf.nvml import NvmlSampler, nvml_reader_for
+from vitrain.perf.peaks import mfu, peak_flops
+
+_GATHERED = (
+    "images",
+    "train_time",
+    "wait_time",
+    "has_gpu",
+    "gpu_util",
+    "gpu_mem_gb",
+    "gpu_power_w",
+)
+
+
+class SpeedMonitor(pl.Callback):
+    """Measures the training loop of each epoch and logs `perf/*` on rank 0 to every logger.
+
+    A training epoch is split into segments by validation runs; each segment's wall time is
+    taken after a device synchronisation, so epoch time excludes validation and checkpointing.
+    Step time is the host time between consecutive `on_train_batch_end`s: on a GPU the host runs
+    ahead by at most the launch queue, so its median is the device's step time in steady state.
+    """
+
+    def __init__(self, nvml_interval_s: float = 0.1, data_wait_warning: float = 0.1) -> None:
+        self.nvml_interval_s = nvml_interval_s
+        self.data_wait_warning = data_wait_warning
+        self.history: list[dict[str, Any]] = []
+        self.flops_per_image: float | None = None
+        self.peak_flops_per_device: float | None = None
+        self.device_name: str | None = None
+        self._sampler: NvmlSampler | None = None
+        self._in_epoch = False
+
+    # --- set-up ---------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        device = trainer.strategy.root_device
+        if device.type == "cuda":
+            self.device_name = torch.cuda.get_device_name(device)
+            self.peak_flops_per_device = peak_flops(self.device_name, trainer.precision)
+            reader = nvml_reader_for(device.index or 0)
+            if reader is not None:
+                self._sampler = NvmlSampler(reader, self.nvml_interval_s)
+                self._sampler.pause()
+                self._sampler.start()
+        model_cfg = getattr(pl_module, "model_cfg", None)
+        if model_cfg is not None:
+            self.flops_per_image = training_flops_per_image(model_cfg)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._sampler is not None:
+            self._sampler.stop()
+            self._sampler = None
+
+    # --- timing ---------------------------------------------------------------------------
+    @staticmethod
+    def _sync(trainer: pl.Trainer) -> float:
+        device = trainer.strategy.root_device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    def _open_segment(self, trainer: pl.Trainer) -> None:
+        self._segment_start = self._last_batch_end = self._sync(trainer)
+        self._segment_batches = 0
+        if self._sampler is not None:
+            self._sampler.resume()
+
+    def _close_segment(self, trainer: pl.Trainer) -> None:
+        if self._sampler is not None:
+            self._sampler.pause()
+        if self._segment_batches:  # a segment without batches holds only checkpointing
+            self._train_time += self._sync(trainer) - self._segment_start
+            self._segment_batches = 0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._backfill_epoch_metrics(trainer)
+        self._in_epoch = True
+        self._train_time = self._wait_time = 0.0
+        self._images = 0
+        self._step_times: list[float] = []
+        self._epoch_start = time.perf_counter()
+        self._open_segment(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
+        self._wait_time += time.perf_counter() - self._last_batch_end
+
+    def on_train_batch_end(
+        self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        now = time.perf_counter()
+        self._step_times.append(now - self._last_batch_end)
+        self._last_batch_end = now
+        self._images += extract_batch_size(batch)  # a shape, not a value: no sync
+        self._segment_batches += 1
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._in_epoch:
+            self._close_segment(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._in_epoch:
+            self._open_segment(trainer)
+
+    # --- per-epoch figures ------------------------------------------------------------------
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close_segment(trainer)
+        self._in_epoch = False
+        gpu = self._sampler.window() if self._sampler is not None else None
+        local = [
+            float(self._images),
+            self._train_time,
+            self._wait_time,
+            1.0 if gpu else 0.0,
+            *(gpu[k] if gpu else 0.0 for k in ("gpu_util", "gpu_mem_gb", "gpu_power_w")),
+        ]
+        # One collective per epoch: every rank's counts, on rank 0 and the others alike.
+        tensor = torch.tensor(local, dtype=torch.float64, device=trainer.strategy.root_device)
+        ranks = trainer.strategy.all_gather(tensor).reshape(-1, len(_GATHERED)).cpu().tolist()
+        perf = self.epoch_figures(
+            [dict(zip(_GATHERED, r, strict=True)) for r in ranks], self._step_times
+        )
+        record = {
+            "epoch": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "epoch_wall_s": time.perf_counter() - self._epoch_start,
+            **perf,
+            **_scalar_metrics(trainer, prefix="val/"),
+        }
+        self.history.append(record)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(
+                    {"epoch": trainer.current_epoch, **perf}, step=trainer.global_step
+                )
+        wait = perf["perf/data_wait_frac"]
+        if trainer.current_epoch > 0 and wait > self.data_wait_warning:
+            rank_zero_warn(
+                f"perf/data_wait_frac={wait:.2f}: the training loop waited for input "
+                f"{wait:.0%} of epoch {trainer.current_epoch}; the run is input-bound. Raise "
+                "data.num_workers, put the dataset on local fast storage, or use data=synthetic "
+                "to see the compute-bound speed."
+            )
+
+    def epoch_figures(self, ranks: list[dict[str, float]], step_times: list[float]) -> dict:
+        """Reduce the ranks' counts into the logged `perf/*` figures."""
+        world = len(ranks)
+        epoch_time = max(r["train_time"] for r in ranks)
+        images = sum(r["images"] for r in ranks)
+        images_per_s = images / epoch_time if epoch_time > 0 else 0.0
+        steps_ms = sorted(t * 1000 for t in step_times) or [0.0]
+        perf = {
+            "perf/epoch_time_s": epoch_time,
+            "perf/images_per_s": images_per_s,
+            "perf/images_per_s_per_device": images_per_s / world,
+            "perf/step_time_ms": statistics.median(steps_ms),
+            "perf/step_time_p90_ms": steps_ms[min(len(steps_ms) - 1, int(0.9 * len(steps_ms)))],
+            "perf/data_wait_frac": statistics.fmean(
+                r["wait_time"] / r["train_time"] if r["train_time"] > 0 else 0.0 for r in ranks
+            ),
+        }
+        if all(r["has_gpu"] for r in ranks):
+            perf["perf/gpu_util"] = statistics.fmean(r["gpu_util"] for r in ranks)
+            perf["perf/gpu_mem_gb"] = max(r["gpu_mem_gb"] for r in ranks)
+            perf["perf/gpu_power_w"] = statistics.fmean(r["gpu_power_w"] for r in ranks)
+        if self.flops_per_image and self.peak_flops_per_device:
+            perf["perf/mfu"] = mfu(
+                self.flops_per_image, images_per_s, self.peak_flops_per_device, world
+            )
+        return perf
+
+    def _backfill_epoch_metrics(self, trainer: pl.Trainer) -> None:
+        # Lightning reduces on_epoch training metrics after the callbacks' on_train_epoch_end.
+        if self.history:
+            self.history[-1].update(_scalar_metrics(trainer, prefix="train/"))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._backfill_epoch_metrics(trainer)
+
+
+def _scalar_metrics(trainer: pl.Trainer, prefix: str) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in trainer.callback_metrics.items()
+        if k.startswith(prefix) and getattr(v, "numel", lambda: 1)() == 1
+    }
