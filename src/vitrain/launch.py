@@ -7,8 +7,12 @@ Before fit, point both at the current job: its own overrides and its own output 
 children then run exactly this job as a single run, in this job's directory.
 """
 
+import contextlib
+import os
 import sys
+from collections.abc import Iterator
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict, read_write
@@ -25,3 +29,18 @@ def pin_ddp_children_to_this_job() -> bool:
     with read_write(hydra_cfg), open_dict(hydra_cfg):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
     return True
+
+
+@contextlib.contextmanager
+def job_environment() -> Iterator[None]:
+    """Restore os.environ after a job: Lightning's DDP set-up writes MASTER_PORT, LOCAL_RANK and
+    friends into it, and the next job of a multirun must launch its own ranks from scratch."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        # The next job of a multirun starts its own process group with its own DDP children.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved)

@@ -6,16 +6,16 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from vitrain.container import setup_container
 from vitrain.data.batching import per_device_batch_size
 from vitrain.errors import UserError
-from vitrain.launch import pin_ddp_children_to_this_job
+from vitrain.launch import job_environment, pin_ddp_children_to_this_job
 from vitrain.loggers import build_loggers, finish_loggers
 from vitrain.models import ViTClassifier
 from vitrain.perf import SpeedMonitor
@@ -43,10 +43,14 @@ def check_precision(precision: str, accelerator: str) -> None:
         )
 
 
-def build_callbacks(cfg: DictConfig) -> list[Callback]:
+def build_callbacks(cfg: DictConfig, with_loggers: bool = True) -> list[Callback]:
     # Every run is measured, whatever the callbacks group holds.
     callbacks = [SpeedMonitor(**cfg.perf)]
-    callbacks += [instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
+    for node in (cfg.get("callbacks") or {}).values():
+        callback = instantiate(node)
+        # The learning rate has nowhere to go with logger=none (Lightning would refuse the run).
+        if with_loggers or not isinstance(callback, LearningRateMonitor):
+            callbacks.append(callback)
     if cfg.recipe.ema:
         callbacks.append(EMAWeightAveraging(decay=cfg.recipe.ema_decay))
     return callbacks
@@ -65,8 +69,11 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list) -> 
             else has_checkpointing,
             _convert_="all",
         )
-    except (MisconfigurationException, ValueError, TypeError) as err:
-        raise UserError(f"trainer: {err}") from None
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, MisconfigurationException | ValueError | TypeError):
+            raise UserError(f"trainer: {cause}") from None
+        raise
 
 
 def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
@@ -102,6 +109,11 @@ def _now() -> str:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured model, write run_report.json; returns the final metrics as floats."""
+    with job_environment():
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, float]:
     started, started_at = time.perf_counter(), _now()
     pl.seed_everything(cfg.seed, workers=True)
     pin_ddp_children_to_this_job()
@@ -109,7 +121,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = build_datamodule(cfg)
     module = build_module(cfg)
     loggers = build_loggers(cfg.get("logger"))
-    callbacks = build_callbacks(cfg)
+    callbacks = build_callbacks(cfg, with_loggers=bool(loggers))
     trainer = build_trainer(cfg, callbacks, loggers)
     preflight(cfg, trainer)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -132,6 +144,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
             monitor = next(c for c in callbacks if isinstance(c, SpeedMonitor))
             report = build_run_report(cfg, trainer, module, monitor.history, container, run)
             path = write_json_atomic(report, Path(cfg.paths.output_dir) / "run_report.json")
-            rank_zero_info(f"\n{format_summary(report)}\n  run report: {path}")
+            print(f"\n{format_summary(report)}\n  run report: {path}", flush=True)
         finish_loggers(trainer.loggers)
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}

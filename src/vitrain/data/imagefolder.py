@@ -41,6 +41,12 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def check(self) -> None:
         """Fail before training, naming the path and the override, if the layout is wrong."""
+        if not self.root.is_dir():
+            raise UserError(
+                f"data.root={self.root} does not exist: point data.root=/path/to/imagenet at a "
+                "folder with train/ and val/ class folders (README 'ImageNet layout'), or run "
+                "experiment=quickstart."
+            )
         for split in SPLITS:
             split_dir = self.root / split
             classes = (

@@ -135,9 +135,10 @@ class SpeedMonitor(pl.Callback):
         # One collective per epoch: every rank's counts, on rank 0 and the others alike.
         tensor = torch.tensor(local, dtype=torch.float64, device=trainer.strategy.root_device)
         ranks = trainer.strategy.all_gather(tensor).reshape(-1, len(_GATHERED)).cpu().tolist()
-        perf = self.epoch_figures(
-            [dict(zip(_GATHERED, r, strict=True)) for r in ranks], self._step_times
-        )
+        ranks = [dict(zip(_GATHERED, r, strict=True)) for r in ranks]
+        if not any(r["images"] for r in ranks):
+            return  # an epoch end replayed on resume from a checkpoint written before it
+        perf = self.epoch_figures(ranks, self._step_times)
         record = {
             "epoch": trainer.current_epoch,
             "global_step": trainer.global_step,

@@ -1,0 +1,71 @@
+"""Shared helpers: compose the real config, run training in-process or as `python train.py`."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("VITRAIN_ROOT", str(ROOT))
+os.environ.setdefault("WANDB_SILENT", "true")
+
+from vitrain.config import register_configs  # noqa: E402
+
+register_configs()
+
+# Small, fast and still the real code path: vit_micro on the real digits ImageFolder.
+TINY = ["experiment=quickstart", "logger=csv", "trainer.enable_progress_bar=false"]
+
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def compose_config(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
+    """The config `python train.py <overrides>` would get, with its run directory at output_dir."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(output_dir)
+            cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg.hydra
+    return cfg
+
+
+def run_train(overrides: list[str], output_dir: Path) -> dict:
+    """vitrain.train.train in this process (no DDP launch here: that needs train.py)."""
+    from vitrain.train import train
+
+    return train(compose_config(overrides, output_dir))
+
+
+def run_cli(args: list[str], tmp_path: Path, timeout: int = 600, env: dict | None = None):
+    """`python train.py <args>` with logs under tmp_path; returns the CompletedProcess."""
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_API")}
+    child_env.update({"VITRAIN_LOG_DIR": str(tmp_path / "logs"), "PYTHONUNBUFFERED": "1"})
+    child_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=child_env,
+        cwd=tmp_path,  # nothing may depend on the current directory
+    )
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory) -> Path:
+    """One short real quickstart run (CSV logger) shared by the tests that read its outputs."""
+    out = tmp_path_factory.mktemp("quickstart")
+    run_train([*TINY, "trainer.max_epochs=6"], out)
+    return out

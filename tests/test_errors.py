@@ -1,0 +1,70 @@
+"""Errors a user can cause: one clear message naming the value and the fix."""
+
+import pytest
+from conftest import TINY, run_cli, run_train
+
+from vitrain.data.batching import per_device_batch_size
+from vitrain.errors import UserError
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data=imagenet", "data.root=/no/such/imagenet"], "data.root=/no/such/imagenet"),
+        (["model.name=vit_no_such_model"], "model.name=vit_no_such_model is not a timm model"),
+        (["data.image_size=30"], "data.image_size=30 is not divisible by model.patch_size=4"),
+        (
+            ["trainer.precision=16-mixed", "trainer.accelerator=cpu"],
+            "use trainer.precision=bf16-mixed",
+        ),
+        (["data.batch_size=63", "trainer.accelerator=cpu"], "an odd number"),
+        (["trainer.precision=fp8"], "trainer: Precision 'fp8' is invalid"),
+    ],
+)
+def test_user_error_names_the_value_and_the_fix(overrides, message, tmp_path):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        run_train([*TINY, "recipe.mixup_alpha=0.8", *overrides], tmp_path)
+
+
+def test_empty_dataset_root_names_the_folder_and_the_override(tmp_path):
+    (tmp_path / "imagenet" / "train").mkdir(parents=True)
+    with pytest.raises(UserError) as err:
+        run_train([*TINY, "data=imagenet", f"data.root={tmp_path}/imagenet"], tmp_path / "run")
+    assert f"{tmp_path}/imagenet/train" in str(err.value)
+    assert "data.root=/path/to/imagenet" in str(err.value)
+
+
+def test_batch_not_divisible_by_world_size():
+    with pytest.raises(
+        UserError, match=r"data.batch_size=1023 .* world size 8 .* data.batch_size=1016"
+    ):
+        per_device_batch_size(1023, 8)
+    assert per_device_batch_size(1024, 8) == 128
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path):
+    result = run_cli(["data.root=/no/such/imagenet"], tmp_path)
+    assert result.returncode == 2
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: data.root=/no/such/imagenet does not exist")
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_cli_unknown_model_option_lists_the_options(tmp_path):
+    result = run_cli(["model=vit_huge"], tmp_path)
+    assert result.returncode != 0
+    assert "Could not find 'model/vit_huge'" in result.stderr
+    assert "vit_b16" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_batch_not_divisible_by_ddp_world_fails_before_launching(tmp_path):
+    result = run_cli(
+        ["experiment=quickstart", "strategy=ddp_cpu", "data.batch_size=63", "logger=none"],
+        tmp_path,
+    )
+    assert result.returncode == 2
+    assert (
+        "data.batch_size=63 (the global batch) is not divisible by the world size 2"
+        in result.stderr
+    )
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,112 @@
+"""Real training runs in-process on CPU: every model, learning, checkpoints and resume."""
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import TINY, run_train
+from lightning.pytorch import Callback
+
+MODELS = ["vit_micro", "vit_ti16", "vit_s16", "vit_b16", "vit_b32", "vit_l16"]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_fast_dev_run_for_each_model(model, tmp_path):
+    metrics = run_train(
+        [
+            f"model={model}",
+            "data=synthetic",
+            "data.image_size=32",
+            "data.num_classes=10",
+            "data.batch_size=4",
+            "trainer.accelerator=cpu",
+            "debug=fast_dev_run",
+        ],
+        tmp_path,
+    )
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert 0.0 <= metrics["val/acc1"] <= 1.0
+
+
+def test_quickstart_learns_well_above_chance(quickstart_run):
+    report = json.loads((quickstart_run / "run_report.json").read_text())
+    epochs = report["epochs"]
+    assert len(epochs) == 6
+    assert report["config"]["model"] == "vit_micro" and report["config"]["data"] == "digits"
+    assert max(e["val/acc1"] for e in epochs) >= 0.25  # 10 classes: chance is 0.10
+    assert epochs[-1]["train/loss_epoch"] < epochs[0]["train/loss_epoch"] - 0.2
+
+
+def test_checkpoints_best_by_acc1_and_last(quickstart_run):
+    files = {p.name for p in (quickstart_run / "checkpoints").glob("*.ckpt")}
+    assert "last.ckpt" in files
+    best = [f for f in files if f.startswith("epoch")]
+    assert len(best) == 1 and "acc1_" in best[0]
+    ckpt = torch.load(
+        quickstart_run / "checkpoints" / best[0], map_location="cpu", weights_only=False
+    )
+    report = json.loads((quickstart_run / "run_report.json").read_text())
+    assert ckpt["epoch"] == max(report["epochs"], key=lambda e: e["val/acc1"])["epoch"]
+
+
+def test_csv_logger_gets_metrics_and_learning_rate(quickstart_run):
+    header = (quickstart_run / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    for key in ("train/loss", "val/loss", "val/acc1", "val/acc5", "perf/images_per_s"):
+        assert key in header
+    assert any(h.startswith("lr-") for h in header)
+
+
+class RecordResumeState(Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.global_step = trainer.global_step
+        self.epoch = trainer.current_epoch
+        self.optimizer = copy.deepcopy(trainer.optimizers[0].state_dict())  # live tensors
+        self.lr = trainer.optimizers[0].param_groups[0]["lr"]
+
+
+def test_resume_continues_at_the_same_step_with_the_same_optimizer_state(quickstart_run, tmp_path):
+    """Resume the 6-epoch run from its checkpoint and train a 7th epoch."""
+    from vitrain import train as train_module
+
+    last = quickstart_run / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    recorder = RecordResumeState()
+    original = train_module.build_callbacks
+    train_module.build_callbacks = lambda cfg, **kw: [*original(cfg, **kw), recorder]
+    try:
+        run_train([*TINY, "trainer.max_epochs=7", f"ckpt_path={last}"], tmp_path)
+    finally:
+        train_module.build_callbacks = original
+    assert recorder.global_step == saved["global_step"] > 0
+    assert recorder.epoch == saved["epoch"] + 1
+    saved_state = saved["optimizer_states"][0]["state"]
+    for index, state in recorder.optimizer["state"].items():
+        assert torch.equal(state["exp_avg"], saved_state[index]["exp_avg"])
+        assert state["step"] == saved_state[index]["step"]
+    report = json.loads((tmp_path / "run_report.json").read_text())
+    assert [e["epoch"] for e in report["epochs"]] == [6]
+    per_epoch = saved["global_step"] // 6
+    assert report["epochs"][-1]["global_step"] == saved["global_step"] + per_epoch
+
+
+def test_wandb_offline_run_without_a_key(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    run_train(
+        [
+            "experiment=quickstart",
+            "logger=wandb",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1",
+            "trainer.enable_progress_bar=false",
+        ],
+        tmp_path,
+    )
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    config = (runs[0] / "files" / "config.yaml").read_text()
+    assert "vit_tiny_patch16_224" in config and "perf" in config  # the full resolved config
+    assert "wandb sync" in capsys.readouterr().err + capsys.readouterr().out
