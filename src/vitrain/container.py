@@ -1,6 +1,9 @@
-"""Which image a run is in (NGC, another container, the host), and its runtime switches."""
+"""Which image a run is in (NGC, vitrain's pip image, another container, the host), what it holds,
+and the runtime switches that must be equal in every image before a comparison means anything."""
 
 import os
+import platform
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -9,62 +12,130 @@ from omegaconf import DictConfig
 
 from vitrain.errors import UserError
 
-KINDS = ("auto", "ngc", "pip", "host")
-# Set by NVIDIA's NGC PyTorch images (nvcr.io/nvidia/pytorch:YY.MM-py3).
-NGC_ENV_MARKERS = ("NVIDIA_PYTORCH_VERSION", "PYTORCH_BUILD_VERSION")
-NGC_FILE_MARKER = "/NGC-DL-CONTAINER-LICENSE"
-CONTAINER_FILE_MARKERS = ("/.dockerenv", "/run/.containerenv")
+KINDS = ("auto", "ngc", "pip", "host")  # what container=... may assert
+# NGC PyTorch images (nvcr.io/nvidia/pytorch:YY.MM-py3) set this variable and ship this file.
+NGC_ENV = "NVIDIA_PYTORCH_VERSION"
+NGC_FILE = "NGC-DL-CONTAINER-LICENSE"
+# Docker and Podman leave a file at the root; Podman, systemd-nspawn, Apptainer and Kubernetes
+# set a variable.
+CONTAINER_FILES = (".dockerenv", "run/.containerenv")
+CONTAINER_ENV = ("container", "APPTAINER_CONTAINER", "SINGULARITY_CONTAINER")
+CONTAINER_ENV += ("KUBERNETES_SERVICE_HOST",)
+# Variables an image may set that change speed or numerics; recorded as found, before `env` runs.
+RECORDED_ENV_PREFIXES = ("CUDA_", "NCCL_", "PYTORCH_", "TORCH_", "NVIDIA_TF32_")
+HOW_TO_FIX = "see docs/docker.md"
+
+
+def detect_kind(environ: dict, root: str = "/") -> str:
+    """ngc, pip (vitrain's pip image, VITRAIN_IMAGE=pip), other (any other container) or host."""
+    root_path = Path(root)
+    if environ.get(NGC_ENV) or (root_path / NGC_FILE).exists():
+        return "ngc"
+    if environ.get("VITRAIN_IMAGE") == "pip":
+        return "pip"
+    # VITRAIN_IMAGE=ngc without NGC's markers: the Dockerfile was built on another base image.
+    in_container = any((root_path / f).exists() for f in CONTAINER_FILES)
+    if environ.get("VITRAIN_IMAGE") or in_container or any(environ.get(k) for k in CONTAINER_ENV):
+        return "other"
+    return "host"
+
+
+def _package(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def _cudnn() -> str | None:
+    number = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    if not number:
+        return None
+    # cuDNN 9 numbers versions as major*10000 + minor*100 + patch, cuDNN 8 as major*1000 + ...
+    major, rest = divmod(number, 10000) if number >= 90000 else divmod(number, 1000)
+    return f"{major}.{rest // 100}.{rest % 100}"
+
+
+def _nccl() -> str | None:
+    try:
+        return ".".join(map(str, torch.cuda.nccl.version()))
+    except Exception:  # a CPU-only torch, or one built without NCCL
+        return None
+
+
+def versions(environ: dict) -> dict:
+    """The image's versions: NGC release, and the CUDA, cuDNN and NCCL that torch was built with."""
+    return {
+        "ngc_version": environ.get(NGC_ENV),
+        "ngc_pytorch_build": environ.get("PYTORCH_BUILD_VERSION"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": _package("torchvision"),
+        "cuda": torch.version.cuda,
+        "cudnn": _cudnn(),
+        "nccl": _nccl(),
+    }
 
 
 def detect_container(environ: dict | None = None, root: str = "/") -> dict:
-    """kind is ngc, pip (vitrain's pip image or another container) or host; image and versions."""
+    """The detected kind, the image's name and versions, and its speed-relevant variables."""
     environ = os.environ if environ is None else environ
-    root_path = Path(root)
-
-    def exists(marker: str) -> bool:
-        return (root_path / marker.lstrip("/")).exists()
-
-    info = {"image": environ.get("VITRAIN_IMAGE")}
-    if any(environ.get(k) for k in NGC_ENV_MARKERS) or exists(NGC_FILE_MARKER):
-        info["kind"] = "ngc"
-        info["ngc_version"] = environ.get("NVIDIA_PYTORCH_VERSION")
-        info["ngc_pytorch_build"] = environ.get("PYTORCH_BUILD_VERSION")
-    elif environ.get("VITRAIN_IMAGE") or any(exists(m) for m in CONTAINER_FILE_MARKERS):
-        info["kind"] = "pip"
-    else:
-        info["kind"] = "host"
-    return info
+    return {
+        "kind": detect_kind(environ, root),
+        "image": environ.get("VITRAIN_IMAGE"),  # ngc or pip in vitrain's images
+        "base_image": environ.get("VITRAIN_BASE_IMAGE"),  # e.g. nvcr.io/nvidia/pytorch:25.12-py3
+        **versions(environ),
+        "image_env": {
+            k: v for k, v in sorted(environ.items()) if k.startswith(RECORDED_ENV_PREFIXES)
+        },
+    }
 
 
-def apply_runtime_settings(cfg: DictConfig | dict) -> None:
-    """Set the switches every image must agree on before a comparison means anything."""
-    for key, value in (cfg.get("env") or {}).items():
-        os.environ[str(key)] = str(value)
+def apply_runtime_settings(cfg: DictConfig | dict, environ: dict | None = None) -> dict:
+    """Set the variables of cfg.env (null unsets one), then torch's switches; returns them."""
+    environ = os.environ if environ is None else environ
+    env = {str(k): None if v is None else str(v) for k, v in (cfg.get("env") or {}).items()}
+    for key, value in env.items():
+        if value is None:
+            environ.pop(key, None)
+        else:
+            environ[key] = value
+    # Explicit, because images differ in their defaults (an NGC image may turn TF32 on through
+    # TORCH_ALLOW_TF32_CUBLAS_OVERRIDE, upstream PyTorch leaves matmuls in full fp32).
     torch.set_float32_matmul_precision(cfg["float32_matmul_precision"])
     torch.backends.cudnn.allow_tf32 = bool(cfg["cudnn_allow_tf32"])
     torch.backends.cudnn.benchmark = bool(cfg["cudnn_benchmark"])
+    return {
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "env": env,
+    }
 
 
 def setup_container(cfg: DictConfig | dict, environ: dict | None = None, root: str = "/") -> dict:
     """Check container.kind against the detected image, apply the switches; returns the facts."""
     kind = cfg["kind"]
     if kind not in KINDS:
-        raise UserError(f"container={kind} is not one of {', '.join(KINDS)}.")
+        raise UserError(f"container.kind={kind} is not one of {', '.join(KINDS)}.")
     info = detect_container(environ, root)
     if kind != "auto" and kind != info["kind"]:
         message = (
-            f"container={kind} but this run is in the {info['kind']} setting: run it inside the "
-            f"{kind} image (README 'Docker'), use container=auto, or container.strict=false."
+            f"container={kind}, but this run is in the {info['kind']} setting "
+            f"(detected: {_evidence(info)}). Run it in the {kind} image "
+            f"({HOW_TO_FIX}), use container=auto, or add container.strict=false to only warn."
         )
         if cfg.get("strict", True):
             raise UserError(message)
         rank_zero_warn(message)
-    apply_runtime_settings(cfg)
     info["requested"] = kind
-    info["settings"] = {
-        "float32_matmul_precision": cfg["float32_matmul_precision"],
-        "cudnn_allow_tf32": bool(cfg["cudnn_allow_tf32"]),
-        "cudnn_benchmark": bool(cfg["cudnn_benchmark"]),
-        "env": dict(cfg.get("env") or {}),
-    }
+    info["settings"] = apply_runtime_settings(cfg, environ)
     return info
+
+
+def _evidence(info: dict) -> str:
+    if info["kind"] == "ngc":
+        return f"NGC PyTorch {info['ngc_version'] or '(license file)'}"
+    if info["image"]:
+        return f"VITRAIN_IMAGE={info['image']}"
+    return "a container" if info["kind"] == "other" else "no container"
