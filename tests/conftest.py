@@ -69,3 +69,18 @@ def quickstart_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("quickstart")
     run_train([*TINY, "trainer.max_epochs=6"], out)
     return out
+
+
+@pytest.fixture(scope="session")
+def real_runs(tmp_path_factory) -> Path:
+    """Two real tiny CPU runs that differ only in the global batch: reports to compare."""
+    root = tmp_path_factory.mktemp("real_runs")
+    for batch in (16, 32):
+        run_train(
+            ["experiment=quickstart", "data=synthetic", "data.image_size=32",
+             "data.num_classes=10", f"data.batch_size={batch}", "data.train_batches=8",
+             "data.val_batches=1", "trainer.max_epochs=2", "trainer.accelerator=cpu",
+             "logger=none", "callbacks=none", "trainer.enable_progress_bar=false"],
+            root / f"batch{batch}",
+        )
+    return root

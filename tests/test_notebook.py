@@ -67,11 +67,14 @@ def execute(cwd: Path) -> nbformat.NotebookNode:
     return nb
 
 
-@pytest.mark.parametrize("how", ["VITRAIN_RUNS", "VITRAIN_ROOT"])
+@pytest.mark.parametrize("how", ["real runs", "VITRAIN_RUNS", "VITRAIN_ROOT"])
 def test_notebook_runs_on_reports(
-    how: str, kernel: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    how: str, kernel: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request
 ) -> None:
-    if how == "VITRAIN_RUNS":  # GPU and CPU runs, anywhere
+    if how == "real runs":  # reports of two real tiny CPU training runs
+        monkeypatch.setenv("VITRAIN_RUNS", str(request.getfixturevalue("real_runs")))
+        column = "global_batch"
+    elif how == "VITRAIN_RUNS":  # GPU and CPU runs, anywhere
         write_gpu_runs(tmp_path / "somewhere")
         monkeypatch.setenv("VITRAIN_RUNS", str(tmp_path / "somewhere"))
         monkeypatch.delenv("VITRAIN_ROOT", raising=False)

@@ -200,3 +200,14 @@ def test_cli_end_to_end(ngc_vs_pip: Path, tmp_path: Path) -> None:
     assert header[0] == "container" and ngc[-1] == "1.20x" and pip[-1] == "1.00x"
     assert (tmp_path / "out.csv").read_text().startswith("container,epoch_time_s,images_per_s,")
     assert (tmp_path / "out.png").stat().st_size > 1000
+
+
+def test_two_real_runs_make_a_table_with_the_right_speedup(real_runs) -> None:
+    reports = report.load_reports([real_runs])
+    assert [r["config"]["global_batch"] for r in reports] == [16, 32]
+    comparison = report.compare(reports, baseline="global_batch=16")
+    table = report.to_markdown(comparison)
+    assert "| global_batch |" in table.splitlines()[0]
+    speeds = [r["summary"]["images_per_s"] for r in reports]
+    assert f"{speeds[1] / speeds[0]:.2f}x" in table.splitlines()[3]
+    assert "1.00x" in table.splitlines()[2]

@@ -6,7 +6,6 @@ from urllib.parse import urlparse
 
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from vitrain.errors import UserError
@@ -55,6 +54,4 @@ def finish_loggers(loggers: list[Logger]) -> None:
             run_dir = os.path.dirname(run.dir) if run.dir else None
             run.finish()
             if offline and run_dir:
-                rank_zero_info(
-                    f"wandb: offline run saved in {run_dir}; upload it with: wandb sync {run_dir}"
-                )
+                print(f"wandb: offline run in {run_dir}; upload it: wandb sync {run_dir}", flush=True)
