@@ -10,7 +10,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from vitrain.config import register_configs  # noqa: E402
-from vitrain.errors import UserError  # noqa: E402
+from vitrain.errors import Preempted, UserError  # noqa: E402
 
 register_configs()
 
@@ -25,6 +25,9 @@ def main(cfg: DictConfig) -> float | None:
         # SystemExit passes through Hydra's handler: one message, exit code 2, no traceback.
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as stop:
+        print(f"preempted: {stop}", file=sys.stderr)
+        sys.exit(stop.exit_code)
     # Returned for Hydra sweepers that optimise a value.
     return metrics.get("val/acc1")
 

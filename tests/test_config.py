@@ -75,7 +75,7 @@ def test_logger_option_instantiates(logger, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     cfg = compose_config([f"logger={logger}"], tmp_path)
-    loggers = build_loggers(cfg.logger)
+    loggers = build_loggers(cfg.logger, tmp_path)
     assert len(loggers) == (0 if logger == "none" else 1)
     if logger == "wandb":
         assert loggers[0]._wandb_init["mode"] == "offline"  # no key: never online, never a prompt

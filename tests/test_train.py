@@ -2,6 +2,7 @@
 
 import copy
 import json
+import time
 
 import pytest
 import torch
@@ -108,7 +109,11 @@ def test_wandb_offline_run_without_a_key(tmp_path, monkeypatch, capsys):
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     # An offline run keeps its config and metrics in the .wandb record file until `wandb sync`.
-    records = next(runs[0].glob("run-*.wandb")).read_bytes()
+    record_file = next(runs[0].glob("run-*.wandb"))
+    deadline = time.monotonic() + 60  # wandb-core may still be flushing after finish()
+    while b"val/acc1" not in record_file.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    records = record_file.read_bytes()
     for text in (b"vit_tiny_patch16_224", b"nvml_interval_s", b"container_detected", b"val/acc1"):
         assert text in records  # the full resolved config, and the metrics
     assert f"wandb sync {runs[0]}" in capsys.readouterr().out

@@ -6,3 +6,9 @@ class UserError(Exception):
 
     train.py prints it as one line and exits with code 2, without a traceback.
     """
+
+
+class Preempted(Exception):
+    """The run was stopped by SIGTERM/SIGUSR1 after saving a checkpoint; exit 143 (128 + 15)."""
+
+    exit_code = 143

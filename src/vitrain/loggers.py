@@ -2,6 +2,8 @@
 
 import netrc
 import os
+import uuid
+from pathlib import Path
 from urllib.parse import urlparse
 
 from hydra.utils import instantiate
@@ -36,11 +38,25 @@ def resolve_wandb_mode(mode: str) -> str:
     return mode
 
 
-def build_loggers(logger_cfg: DictConfig | None) -> list[Logger]:
+def wandb_run_id(output_dir: Path) -> str:
+    """One wandb run per run directory: a resumed run continues the same wandb run."""
+    id_file = output_dir / "wandb_run_id"
+    if id_file.is_file():
+        return id_file.read_text().strip()
+    run_id = uuid.uuid4().hex[:8]  # wandb's id format: 8 lowercase letters and digits
+    output_dir.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run_id + "\n")
+    return run_id
+
+
+def build_loggers(logger_cfg: DictConfig | None, output_dir: Path) -> list[Logger]:
     loggers = []
     for name, node in (logger_cfg or {}).items():
         if name == "wandb":
-            node = OmegaConf.merge(node, {"mode": resolve_wandb_mode(node.get("mode", "auto"))})
+            mode = resolve_wandb_mode(node.get("mode", "auto"))
+            node = OmegaConf.merge(
+                node, {"mode": mode, "id": node.get("id") or wandb_run_id(output_dir)}
+            )
         loggers.append(instantiate(node, _convert_="all"))
     return loggers
 
@@ -54,4 +70,6 @@ def finish_loggers(loggers: list[Logger]) -> None:
             run_dir = os.path.dirname(run.dir) if run.dir else None
             run.finish()
             if offline and run_dir:
-                print(f"wandb: offline run in {run_dir}; upload it: wandb sync {run_dir}", flush=True)
+                print(
+                    f"wandb: offline run in {run_dir}; upload it: wandb sync {run_dir}", flush=True
+                )

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
-from torchvision.datasets import ImageFolder
 
 from vitrain.data.batching import auto_num_workers, per_device_batch_size
+from vitrain.data.images import RobustImageFolder
 from vitrain.data.transforms import eval_transform, train_transform
 from vitrain.errors import UserError
 
@@ -26,6 +26,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         mean: list[float],
         std: list[float],
         pin_memory: bool = True,
+        on_bad_sample: str = "skip",
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -37,7 +38,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.eval_crop_pct = eval_crop_pct
         self.mean, self.std = list(mean), list(std)
         self.pin_memory = pin_memory
-        self.datasets: dict[str, ImageFolder] = {}
+        self.on_bad_sample = on_bad_sample
+        self.datasets: dict[str, RobustImageFolder] = {}
 
     def check(self) -> None:
         """Fail before training, naming the path and the override, if the layout is wrong."""
@@ -91,7 +93,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
         for split in SPLITS:
             if split not in self.datasets:
                 try:
-                    self.datasets[split] = ImageFolder(self.root / split, transforms[split])
+                    self.datasets[split] = RobustImageFolder(
+                        self.root / split, transforms[split], self.on_bad_sample
+                    )
                 except FileNotFoundError as err:
                     raise UserError(f"data.root={self.root}: {err}") from None
 

@@ -15,9 +15,15 @@ def create_vit(
     num_classes: int,
     drop_path_rate: float = 0.0,
     grad_checkpointing: bool = False,
+    fused_attn: bool = True,
     kwargs: dict | None = None,
 ) -> nn.Module:
-    """A timm VisionTransformer built from `name` with the data's image size and classes."""
+    """A timm VisionTransformer built from `name` with the data's image size and classes.
+
+    fused_attn: attention through F.scaled_dot_product_attention (flash / memory-efficient
+    kernels) instead of timm's explicit softmax(q @ k^T) @ v; set on every attention block, so
+    that it does not depend on timm's process-wide default or the TIMM_FUSED_ATTN variable.
+    """
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models("*vit*"), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -40,6 +46,9 @@ def create_vit(
         drop_path_rate=drop_path_rate,
         **(kwargs or {}),
     )
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = bool(fused_attn)
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model

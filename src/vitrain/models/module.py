@@ -17,6 +17,22 @@ from vitrain.models.factory import create_vit
 
 # torch.compile wraps a module as `_orig_mod`; checkpoints written by a wrapped model carry it.
 _COMPILE_PREFIX = "_orig_mod."
+# torch.compile's modes; `compile=true` means "default", `false` / "off" no compilation.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(value: bool | str | None) -> str | None:
+    """The torch.compile mode the `compile` config value asks for; None: run eagerly."""
+    if value is None or value is False or str(value).lower() in ("false", "off", "none"):
+        return None
+    if value is True or str(value).lower() in ("true", "on"):
+        return "default"
+    if value not in COMPILE_MODES:
+        raise UserError(
+            f"compile={value} is not one of off, {', '.join(COMPILE_MODES)} "
+            "(torch.compile's modes; true means default)."
+        )
+    return str(value)
 
 
 class ViTClassifier(pl.LightningModule):
@@ -31,7 +47,7 @@ class ViTClassifier(pl.LightningModule):
         model: dict,
         recipe: dict,
         global_batch_size: int,
-        compile: bool = False,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -60,38 +76,52 @@ class ViTClassifier(pl.LightningModule):
             else nn.CrossEntropyLoss(label_smoothing=recipe["label_smoothing"])
         )
         self.val_criterion = nn.CrossEntropyLoss()
-        self.train_loss = MeanMetric()
+        # No NaN check: torchmetrics' check reads the loss on the host (`nans.any()`), a sync
+        # every step. ("disable" also drops the weights: fine, training batches are all equal.)
+        self.train_loss = MeanMetric(nan_strategy="disable")
         self.val_loss = MeanMetric()
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.register_buffer(
+            "nonfinite_losses", torch.zeros((), dtype=torch.long), persistent=False
+        )
+        self.skip_nonfinite_loss = False  # set by NonFiniteLossGuard
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
-        if compile:
+        mode = compile_mode(compile)
+        if mode:
             # Module.compile keeps parameter names (no `_orig_mod.`): checkpoints load either way.
-            self.model.compile()
+            self.model.compile(mode=mode)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        images, targets = batch
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        images, targets = batch[0], batch[1]  # ImageFolder batches also carry bad-file names
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
         loss = self.train_criterion(self(images), targets)
+        # Counted on the device; NonFiniteLossGuard reads it every few steps, not every step.
+        self.nonfinite_losses += ~torch.isfinite(loss.detach())
+        if self.skip_nonfinite_loss and not self.trainer.strategy.reduce_boolean_decision(
+            bool(torch.isfinite(loss)), all=True
+        ):
+            return None  # faults.on_nonfinite_loss=skip: one host sync per step, on every rank
         # Rank 0's step loss, read on the host only every log_every_n_steps; the epoch mean is
         # accumulated on the device and reduced across ranks once per epoch.
         self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=images.shape[0])
-        self.train_loss.update(loss.detach(), weight=images.shape[0])
+        self.train_loss.update(loss.detach())  # a host int as weight would be a host-to-device copy
         self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        images, targets = batch
+        images, targets = batch[0], batch[1]
         logits = self(images)
         self.val_loss.update(self.val_criterion(logits, targets), weight=images.shape[0])
         self.val_acc1.update(logits, targets)
         self.val_acc5.update(logits, targets)
-        self.log("val/loss", self.val_loss, on_epoch=True)
-        self.log("val/acc1", self.val_acc1, on_epoch=True, prog_bar=True)
-        self.log("val/acc5", self.val_acc5, on_epoch=True)
+        n = images.shape[0]
+        self.log("val/loss", self.val_loss, on_epoch=True, batch_size=n)
+        self.log("val/acc1", self.val_acc1, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log("val/acc5", self.val_acc5, on_epoch=True, batch_size=n)
 
     @property
     def learning_rate(self) -> float:

@@ -115,6 +115,7 @@ def build_run_report(
     run: dict,
 ) -> dict:
     """Config essentials, environment, per-epoch figures and their summary."""
+    from vitrain.models.module import compile_mode
     from vitrain.perf.environment import capture_environment
 
     config = {
@@ -133,7 +134,8 @@ def build_run_report(
         "per_device_batch": cfg.data.batch_size // trainer.world_size,
         "accumulate_grad_batches": trainer.accumulate_grad_batches,
         "container": container.get("kind"),
-        "compile": bool(cfg.compile),
+        # false, or the torch.compile mode ("default", "max-autotune", ...)
+        "compile": compile_mode(cfg.compile) or False,
         "max_epochs": trainer.max_epochs,
         "seed": cfg.seed,
         "tags": list(cfg.tags),

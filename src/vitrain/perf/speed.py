@@ -91,6 +91,10 @@ class SpeedMonitor(pl.Callback):
             self._train_time += self._sync(trainer) - self._segment_start
             self._segment_batches = 0
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A run resumed mid-epoch gets no on_train_epoch_start for the epoch it continues.
+        self.on_train_epoch_start(trainer, pl_module)
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._backfill_epoch_metrics(trainer)
         self._in_epoch = True

@@ -1,0 +1,362 @@
+"""Training-step throughput: vitrain's Lightning step against a hand-written PyTorch loop.
+
+For each combination of the swept settings, on one device and random on-device batches:
+
+(a) vitrain: `vitrain.train.train` on the config `python train.py` composes from the same
+    overrides (data=synthetic, logger=csv, callbacks=none, no validation), timed by
+    vitrain.perf.window.StepWindow from the start of batch `warmup` to the start of batch
+    `warmup + steps`: whole iterations of Lightning's loop, device synchronised at both ends;
+(b) raw: a plain loop with the same model (create_vit from the same config), the same timm
+    AdamW parameter groups and cosine schedule stepped per update, the same mixup/cutmix and
+    loss, the same precision (torch.autocast; a GradScaler for fp16) and the same compile mode,
+    timed the same way.
+
+(a) and (b) alternate (a b b a ...) for --repeats rounds; the table gives medians and the ratio
+(a)/(b) of the median images/s. MFU uses vitrain.perf.flops and vitrain.perf.peaks.
+
+    python bench/throughput.py                                  # CPU: vit_micro, 32 px, batch 64
+    python bench/throughput.py --models vit_s16,vit_b16,vit_l16 --batch 256 \\
+        --precisions 16-mixed,bf16-mixed --compile off,default      # the README GPU table
+    python bench/throughput.py --fused-adamw off,on --fused-attn off,on --repeats 7
+"""
+
+import argparse
+import contextlib
+import gc
+import itertools
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf, open_dict
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import compose_config, machine_header, quiet_lightning  # noqa: E402
+
+from vitrain.errors import UserError  # noqa: E402
+from vitrain.models import create_vit  # noqa: E402
+from vitrain.models.module import compile_mode  # noqa: E402
+from vitrain.perf.flops import training_flops_per_image  # noqa: E402
+from vitrain.perf.peaks import compute_dtype, peak_flops  # noqa: E402
+from vitrain.train import train  # noqa: E402
+
+ON_OFF = {"on": "true", "off": "false", "auto": "null"}
+# Swept settings: command-line flag -> (config key, how a value is written, default).
+SWITCHES = {
+    "precisions": ("trainer.precision", str, "32-true"),
+    "compile": ("compile", lambda v: "false" if v == "off" else v, "off"),
+    "fused_adamw": ("recipe.fused", ON_OFF.__getitem__, "auto"),
+    "fused_attn": ("model.fused_attn", ON_OFF.__getitem__, "on"),
+    "grad_ckpt": ("model.grad_checkpointing", ON_OFF.__getitem__, "off"),
+    "matmul": ("container.float32_matmul_precision", str, "high"),
+}
+RAW_PRECISIONS = {
+    "32-true": None,
+    "32": None,
+    "bf16-mixed": torch.bfloat16,
+    "16-mixed": torch.float16,
+}
+
+
+def sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def fresh_device(device: torch.device, compiled: bool) -> None:
+    """Each run starts alone: no memory of the previous one, no compiled code of its model."""
+    gc.collect()
+    if compiled:
+        torch._dynamo.reset()  # else a sweep's many models exhaust dynamo's recompile limit
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def run_vitrain(cfg, warmup: int, steps: int, out: Path, device: torch.device) -> dict:
+    """(a): the whole of vitrain.train.train, timed over batches [warmup, warmup + steps)."""
+    window = out / "window.json"
+    with open_dict(cfg):
+        cfg.callbacks = {
+            **(cfg.callbacks or {}),
+            "step_window": {
+                "_target_": "vitrain.perf.window.StepWindow",
+                "start": warmup,
+                "end": warmup + steps,
+                "path": str(window),
+            },
+        }
+    fresh_device(device, compiled=bool(compile_mode(cfg.compile)))
+    with open(out / "train.log", "w") as log:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            train(cfg)
+    timed = json.loads(window.read_text())
+    return {"seconds": timed["seconds"], "images": timed["images"], "peak_gib": peak_gib(device)}
+
+
+def run_raw(cfg, warmup: int, steps: int, device: torch.device) -> dict:
+    """(b): the same training step written by hand, in plain PyTorch."""
+    precision = str(cfg.trainer.precision)
+    if precision not in RAW_PRECISIONS:
+        raise UserError(f"the raw loop runs 32-true, 16-mixed and bf16-mixed, not {precision}")
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    recipe = OmegaConf.to_container(cfg.recipe, resolve=True)
+    mode = compile_mode(cfg.compile)
+    fresh_device(device, compiled=bool(mode))
+    torch.manual_seed(cfg.seed)
+    model = create_vit(**model_cfg).to(device).train()
+    if mode:
+        model.compile(mode=mode)
+    fused = recipe["fused"] if recipe["fused"] is not None else device.type == "cuda"
+    batch, size = cfg.data.batch_size, cfg.data.image_size
+    optimizer = create_optimizer_v2(
+        model,
+        opt=recipe["optimizer"],
+        lr=recipe["base_lr"] * batch / 512,
+        weight_decay=recipe["weight_decay"],
+        betas=tuple(recipe["betas"]),
+        eps=recipe["eps"],
+        **({"fused": True} if fused else {}),
+    )
+    scheduler = CosineLRScheduler(
+        optimizer, t_initial=warmup + steps, lr_min=recipe["min_lr"], t_in_epochs=False
+    )
+    mixing = recipe["mixup_alpha"] > 0 or recipe["cutmix_alpha"] > 0
+    mixup = (
+        Mixup(
+            mixup_alpha=recipe["mixup_alpha"],
+            cutmix_alpha=recipe["cutmix_alpha"],
+            prob=recipe["mixup_prob"],
+            switch_prob=recipe["mixup_switch_prob"],
+            label_smoothing=recipe["label_smoothing"],
+            num_classes=model_cfg["num_classes"],
+        )
+        if mixing
+        else None
+    )
+    criterion = (
+        SoftTargetCrossEntropy()
+        if mixing
+        else nn.CrossEntropyLoss(label_smoothing=recipe["label_smoothing"])
+    )
+    dtype = RAW_PRECISIONS[precision]
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    images = torch.randn(batch, 3, size, size, device=device)
+    targets = torch.randint(0, model_cfg["num_classes"], (batch,), device=device)
+
+    start = 0.0
+    for step in range(warmup + steps):
+        if step == warmup:
+            start = sync(device)
+        x, y = mixup(images, targets) if mixup is not None else (images, targets)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
+            loss = criterion(model(x), y)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step_update(num_updates=step + 1)
+    seconds = sync(device) - start
+    return {"seconds": seconds, "images": batch * steps, "peak_gib": peak_gib(device)}
+
+
+def overrides_for(args, model: str, batch: int, switches: dict) -> list[str]:
+    size = args.image_size or (32 if model == "vit_micro" else 224)
+    out = [
+        f"model={model}",
+        "data=synthetic",
+        f"data.image_size={size}",
+        f"data.num_classes={args.num_classes}",
+        f"data.batch_size={batch}",  # one device: the global batch is the per-device batch
+        f"data.train_batches={args.warmup + args.steps + 1}",
+        "data.val_batches=1",
+        "trainer.max_epochs=1",
+        "trainer.limit_val_batches=0",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.devices=1",
+        f"trainer.accelerator={args.accelerator}",
+        f"logger={args.logger}",
+        "callbacks=none",
+        "resume=never",
+    ]
+    for flag, value in switches.items():
+        key, write, _ = SWITCHES[flag]
+        out.append(f"{key}={write(value)}")
+    return [*out, *args.set]
+
+
+def measure(args, model: str, batch: int, switches: dict, root: Path) -> dict:
+    """Interleaved repeats of (a) and (b) for one configuration; medians and the ratio."""
+    row = {"model": model, "batch": batch, **switches}
+    samples = {"vitrain": [], "raw": []}
+    cfg = None
+    try:
+        for repeat in range(args.repeats):
+            order = ("vitrain", "raw") if repeat % 2 == 0 else ("raw", "vitrain")
+            for side in order:
+                out = Path(tempfile.mkdtemp(prefix=f"{side}-", dir=root))
+                cfg = compose_config(overrides_for(args, model, batch, switches), out)
+                device = torch.device(
+                    "cuda"
+                    if args.accelerator in ("cuda", "gpu")
+                    or (args.accelerator == "auto" and torch.cuda.is_available())
+                    else "cpu"
+                )
+                if side == "vitrain":
+                    samples[side].append(run_vitrain(cfg, args.warmup, args.steps, out, device))
+                else:
+                    samples[side].append(run_raw(cfg, args.warmup, args.steps, device))
+    except UserError as err:
+        return {**row, "error": str(err)}
+    row["image_size"] = cfg.data.image_size
+    flops = training_flops_per_image(OmegaConf.to_container(cfg.model, resolve=True))
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak = peak_flops(device_name, row["precisions"])
+    row["compute_dtype"] = compute_dtype(row["precisions"])
+    for side, runs in samples.items():
+        rates = [r["images"] / r["seconds"] for r in runs]
+        rate = statistics.median(rates)
+        peaks = [r["peak_gib"] for r in runs if r["peak_gib"] is not None]
+        row[side] = {
+            "images_per_s": rate,
+            "images_per_s_runs": rates,
+            "step_ms": statistics.median(r["seconds"] / args.steps * 1e3 for r in runs),
+            "tflops": flops * rate / 1e12,
+            "mfu": flops * rate / peak if peak else None,
+            "peak_gib": max(peaks) if peaks else None,
+        }
+    row["ratio"] = row["vitrain"]["images_per_s"] / row["raw"]["images_per_s"]
+    # Each repeat's (a)/(b): paired in time, so a drift in machine load cancels out.
+    row["ratio_runs"] = [
+        a / b
+        for a, b in zip(
+            row["vitrain"]["images_per_s_runs"], row["raw"]["images_per_s_runs"], strict=True
+        )
+    ]
+    row["ratio_paired"] = statistics.median(row["ratio_runs"])
+    return row
+
+
+def _fmt(value, spec: str, missing: str = "n/a") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def table(rows: list[dict], varying: list[str]) -> str:
+    head = ["model", "px", "batch", *(SWITCHES[k][0] for k in varying)]
+    head += ["vitrain img/s", "raw img/s", "(a)/(b)", "vitrain step ms", "raw step ms"]
+    head += ["vitrain MFU", "raw MFU", "vitrain TFLOP/s", "vitrain peak GiB", "raw peak GiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["model"], str(r.get("image_size", "")), str(r["batch"])]
+        cells += [str(r[k]) for k in varying]
+        if "error" in r:
+            cells += [f"skipped: {r['error']}"] + [""] * (len(head) - len(cells) - 1)
+        else:
+            a, b = r["vitrain"], r["raw"]
+            cells += [
+                f"{a['images_per_s']:,.0f}",
+                f"{b['images_per_s']:,.0f}",
+                f"{r['ratio']:.3f}",
+                f"{a['step_ms']:.1f}",
+                f"{b['step_ms']:.1f}",
+                _fmt(a["mfu"], ".1%"),
+                _fmt(b["mfu"], ".1%"),
+                f"{a['tflops']:.3g}",
+                _fmt(a["peak_gib"], ".2f"),
+                _fmt(b["peak_gib"], ".2f"),
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="vit_micro", help="comma list of conf/model options")
+    parser.add_argument("--batch", default="64", help="per-device batch(es), comma list")
+    parser.add_argument("--image-size", type=int, default=None, help="default: 32 micro, 224")
+    parser.add_argument("--num-classes", type=int, default=1000)
+    for flag, (key, _, default) in SWITCHES.items():
+        parser.add_argument(
+            f"--{flag.replace('_', '-')}", default=default, help=f"{key}, comma list"
+        )
+    parser.add_argument("--accelerator", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--logger", default="csv", help="logger group option for (a)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps per run")
+    parser.add_argument("--steps", type=int, default=50, help="timed steps per run")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved runs of each side")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--set", action="append", default=[], help="extra override, both sides")
+    parser.add_argument("--json", type=Path, default=None, help="also write every figure here")
+    args = parser.parse_args()
+
+    quiet_lightning()
+    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)  # "Seed set to ..."
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sweep = {flag: getattr(args, flag).split(",") for flag in SWITCHES}
+    varying = [flag for flag, values in sweep.items() if len(values) > 1]
+    models, batches = args.models.split(","), [int(b) for b in args.batch.split(",")]
+    print(machine_header())
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print(
+        f"load average at start: {load[0]:.2f} | torch threads: {torch.get_num_threads()}"
+        if load
+        else f"torch threads: {torch.get_num_threads()}"
+    )
+    fixed = ", ".join(
+        f"{SWITCHES[f][0]}={SWITCHES[f][1](v[0])}" for f, v in sweep.items() if f not in varying
+    )
+    print(
+        f"{args.repeats} interleaved repeats of {args.warmup} warm-up + {args.steps} timed steps; "
+        f"medians. Fixed: {fixed}{'; ' + ' '.join(args.set) if args.set else ''}",
+        flush=True,
+    )
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="vitrain-throughput-") as tmp:
+        for model, batch, *values in itertools.product(models, batches, *sweep.values()):
+            switches = dict(zip(sweep, values, strict=True))
+            row = measure(args, model, batch, switches, Path(tmp))
+            rows.append(row)
+            if "error" not in row:
+                print(
+                    f"  {model} batch {batch} {switches}: (a)/(b) per repeat "
+                    + " ".join(f"{x:.3f}" for x in row["ratio_runs"])
+                    + f", their median {row['ratio_paired']:.3f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    print()
+    print(table(rows, varying))
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {"header": machine_header(), "args": vars(args), "rows": rows},
+                indent=1,
+                default=str,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

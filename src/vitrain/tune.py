@@ -1,0 +1,106 @@
+"""tune.batch_size=true: the largest per-device batch that fits, found before training starts."""
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import BatchSizeFinder
+from lightning.pytorch.utilities import rank_zero_warn
+from omegaconf import DictConfig
+
+from vitrain.errors import UserError
+
+
+class PerDeviceBatchSizeFinder(BatchSizeFinder):
+    """Lightning's BatchSizeFinder on the datamodule's `batch_size`, and a recipe that follows it.
+
+    Lightning's finder runs a few training steps per trial, doubling the batch until the device
+    runs out of memory (`power`; `binsearch` then bisects), and restores the weights afterwards.
+    It runs on one device only (Lightning refuses distributed strategies), where the global
+    batch `data.batch_size` is the per-device batch. After the search:
+
+    - the learning rate (base_lr x batch / 512) and the schedule's length are rebuilt for the
+      batch found, by calling configure_optimizers again (the optimizer has no state yet);
+    - `data.batch_size` in the run's config becomes the batch found, so the run report and the
+      logs record the batch that trained;
+    - one line says the per-device batch and the `data.batch_size` to use on N devices.
+    """
+
+    def __init__(
+        self,
+        data_cfg: DictConfig | None = None,
+        mode: str = "power",
+        steps_per_trial: int = 3,
+        max_trials: int = 25,
+        init_val: int = 2,
+        max_val: int = 8192,
+    ) -> None:
+        super().__init__(
+            mode=mode,
+            steps_per_trial=steps_per_trial,
+            init_val=init_val,
+            max_trials=max_trials,
+            batch_arg_name="batch_size",
+            max_val=max_val,
+        )
+        self._data_cfg = data_cfg
+        self.per_device_batch_size: int | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1:
+            raise UserError(
+                f"tune.batch_size=true runs on one device, this run has {trainer.world_size}: "
+                "find the batch with trainer.devices=1 trainer.num_nodes=1, then train on N "
+                "devices with data.batch_size=<found> x N (data.batch_size is the global batch)."
+            )
+        super().setup(trainer, pl_module, stage)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.ckpt_path:
+            rank_zero_warn(
+                "tune.batch_size=true is ignored when resuming: the run continues with the "
+                "batch size it was started with."
+            )
+            return
+        super().on_fit_start(trainer, pl_module)  # the search; Lightning restores the weights
+        found = self.optimal_batch_size
+        if found is None:  # skipped (fast_dev_run)
+            return
+        self.per_device_batch_size = found
+        if "global_batch_size" in pl_module.hparams:
+            pl_module.hparams.global_batch_size = found
+            trainer.strategy.setup_optimizers(trainer)
+        if self._data_cfg is not None:
+            self._data_cfg.batch_size = found
+        print(
+            f"tune.batch_size: {found} images per device fit; training on with "
+            f"data.batch_size={found} (this one device). On N devices use "
+            f"data.batch_size={found} x N, e.g. {found * 8} on 8.",
+            flush=True,
+        )
+
+
+def batch_size_finder(cfg: DictConfig) -> PerDeviceBatchSizeFinder | None:
+    """The finder the `tune` config asks for; None with tune.batch_size=false."""
+    tune = cfg.get("tune") or {}
+    if not tune.get("batch_size"):
+        return None
+    mode = str(tune.get("mode", "power"))
+    if mode not in BatchSizeFinder.SUPPORTED_MODES:
+        raise UserError(f"tune.mode={mode} is not one of power, binsearch.")
+    mixing = cfg.recipe.mixup_alpha > 0 or cfg.recipe.cutmix_alpha > 0
+    if mode == "binsearch" and mixing:
+        raise UserError(
+            "tune.mode=binsearch tries odd batch sizes, and mixup/cutmix needs an even batch: "
+            "use tune.mode=power, or recipe.mixup_alpha=0 recipe.cutmix_alpha=0."
+        )
+    if cfg.get("ckpt_path"):
+        raise UserError(
+            "tune.batch_size=true with ckpt_path: a resumed run keeps the batch it started with. "
+            "Tune on a fresh run (drop ckpt_path), or set data.batch_size yourself."
+        )
+    return PerDeviceBatchSizeFinder(
+        data_cfg=cfg.data,
+        mode=mode,
+        steps_per_trial=int(tune.steps_per_trial),
+        max_trials=int(tune.max_trials),
+        init_val=int(tune.get("init_val") or cfg.data.batch_size),
+        max_val=int(tune.max_val),
+    )

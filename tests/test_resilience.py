@@ -1,0 +1,345 @@
+"""Runs survive preemption, bad data and bad settings: nothing lost, every error clear."""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, TINY, run_train
+from lightning.pytorch import Callback
+from PIL import Image
+
+from vitrain import train as train_module
+from vitrain.checkpointing import AtomicCheckpointIO
+from vitrain.data.check import main as check_main
+from vitrain.errors import Preempted, UserError
+from vitrain.faults import NonFiniteLossError
+from vitrain.secrets import redact
+
+SHORT = [*TINY, "trainer.limit_train_batches=6", "trainer.limit_val_batches=2"]
+
+
+def with_callback(callback: Callback):
+    """Run training with one more callback (a test probe)."""
+    original = train_module.build_callbacks
+
+    def build(cfg, **kwargs):
+        return [*original(cfg, **kwargs), callback]
+
+    return pytest.MonkeyPatch.context(), build, original
+
+
+class SignalAtStep(Callback):
+    def __init__(self, step: int, signum: int = signal.SIGTERM) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def run_with(callback: Callback, overrides: list[str], output_dir: Path) -> dict:
+    original = train_module.build_callbacks
+    train_module.build_callbacks = lambda cfg, **kw: [*original(cfg, **kw), callback]
+    try:
+        return run_train(overrides, output_dir)
+    finally:
+        train_module.build_callbacks = original
+
+
+def all_finite(ckpt: dict) -> bool:
+    return all(
+        torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point()
+    )
+
+
+def last_step(output_dir: Path) -> int:
+    ckpt = torch.load(
+        output_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
+    return ckpt["global_step"]
+
+
+# --- preemption and resume ----------------------------------------------------------------
+def test_sigterm_mid_epoch_saves_and_resume_ends_at_the_uninterrupted_step(tmp_path):
+    overrides = [*SHORT, "trainer.max_epochs=3"]
+    run_train(overrides, tmp_path / "whole")
+    whole_steps = last_step(tmp_path / "whole")
+    assert whole_steps == 3 * 6
+
+    with pytest.raises(Preempted, match="Resume with the same command"):
+        run_with(SignalAtStep(8), overrides, tmp_path / "cut")  # in epoch 1 of 0..2
+    stopped_at = last_step(tmp_path / "cut")
+    assert 8 <= stopped_at <= 9  # saved at the next batch after the signal
+
+    run_train(overrides, tmp_path / "cut")  # resume=auto finds checkpoints/last.ckpt
+    assert last_step(tmp_path / "cut") == whole_steps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signum", "exit_code"), [(signal.SIGTERM, 143), (signal.SIGUSR1, 143), (signal.SIGINT, 1)]
+)
+def test_signals_save_a_checkpoint_and_exit_non_zero_in_bounded_time(signum, exit_code, tmp_path):
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_API")}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *TINY,
+            "trainer.max_epochs=100",
+            f"hydra.run.dir={run_dir}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and time.monotonic() < deadline:  # epoch 0 is done: training runs
+        time.sleep(0.2)
+    assert last.exists(), process.stderr.read() if process.poll() is not None else "no epoch"
+    after_epoch_0 = last_step(run_dir)
+    time.sleep(1.0)
+    signalled_at = time.time()
+    process.send_signal(signum)
+    sent = time.monotonic()
+    _, stderr = process.communicate(timeout=60)
+    assert time.monotonic() - sent < 30
+    assert process.returncode == exit_code, stderr[-2000:]
+    assert last.stat().st_mtime >= signalled_at  # saved again, at the signal
+    assert last_step(run_dir) >= after_epoch_0
+    assert not list((run_dir / "checkpoints").glob(".*tmp*"))
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    io_plugin = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io_plugin.save_checkpoint({"step": 1}, path)
+
+    def killed_mid_write(obj, handle, *args, **kwargs):
+        handle.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # a second kill while writing
+
+    monkeypatch.setattr(torch, "save", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        io_plugin.save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    overrides = [*SHORT, "logger=wandb", "trainer.max_epochs=2"]
+    with pytest.raises(Preempted):
+        run_with(SignalAtStep(3), overrides, tmp_path)
+    run_train(overrides, tmp_path)
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
+
+
+# --- bad data -------------------------------------------------------------------------------
+def make_folder_with_bad_files(root: Path) -> list[Path]:
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(8):
+                Image.new("RGB", (40, 40), (i * 30, 0, 0)).save(folder / f"{i}.png")
+    good = io.BytesIO()
+    Image.new("RGB", (64, 64), "white").save(good, format="JPEG")
+    bad = {
+        "truncated.JPEG": good.getvalue()[:200],
+        "empty.JPEG": b"",
+        "notes.JPEG": b"this is not an image\n",
+    }
+    paths = []
+    for name, data in bad.items():
+        paths.append(root / "train" / "a" / name)
+        paths[-1].write_bytes(data)
+    paths.append(root / "train" / "b" / "unreadable.JPEG")
+    paths[-1].symlink_to(root / "missing-target.JPEG")  # open() fails, as for a lost mount
+    return paths
+
+
+def test_bad_files_are_replaced_counted_and_named(tmp_path):
+    bad = make_folder_with_bad_files(tmp_path / "data")
+    overrides = [
+        *TINY,
+        "data=imagenet",
+        f"data.root={tmp_path / 'data'}",
+        "data.num_classes=2",
+        "data.image_size=32",
+        "data.batch_size=4",
+        "data.num_workers=2",
+        "data.augment.auto_augment=null",
+        "trainer.max_epochs=1",
+    ]
+    with pytest.warns(UserWarning, match="data/bad_samples=4") as warned:
+        run_train(overrides, tmp_path / "run")
+    message = str(next(w.message for w in warned if "bad_samples" in str(w.message)))
+    assert all(str(p) in message for p in bad)
+    metrics = (tmp_path / "run" / "csv" / "metrics.csv").read_text()
+    assert "data/bad_samples" in metrics.splitlines()[0]
+
+    with pytest.raises(UserError, match=r"cannot read .*\.JPEG.*data.on_bad_sample=skip"):
+        run_train(
+            [*overrides, "data.on_bad_sample=error", "data.num_workers=0"], tmp_path / "strict"
+        )
+
+
+def test_data_check_lists_the_bad_files(tmp_path, capsys):
+    bad = make_folder_with_bad_files(tmp_path)
+    assert check_main([str(tmp_path), "--workers", "2"]) == 1
+    out, err = capsys.readouterr()
+    assert sorted(line.split("\t")[0] for line in out.splitlines()) == sorted(map(str, bad))
+    assert "36 image files checked" in err and ": 4 bad" in err
+
+
+# --- numerical faults, memory, disk ---------------------------------------------------------
+class PoisonWeights(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.model.head.weight.fill_(float("nan"))
+
+
+def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    overrides = [*SHORT, "trainer.max_epochs=3", "faults.check_every_n_steps=4"]
+    with pytest.raises(NonFiniteLossError, match="between global steps 6 and 8"):
+        run_with(PoisonWeights(7), overrides, tmp_path)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 6  # epoch 0's, written before the fault
+    assert all(
+        torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point()
+    )
+
+
+class NanLoss(torch.nn.Module):
+    def __init__(self, criterion: torch.nn.Module) -> None:
+        super().__init__()
+        self.criterion = criterion
+
+    def forward(self, *args):
+        return self.criterion(*args) * float("nan")
+
+
+class NanLossOnce(Callback):
+    """The loss of global step 2 alone is NaN."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 2 and not isinstance(pl_module.train_criterion, NanLoss):
+            pl_module.train_criterion = NanLoss(pl_module.train_criterion)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if isinstance(pl_module.train_criterion, NanLoss):
+            pl_module.train_criterion = pl_module.train_criterion.criterion
+
+
+def test_nonfinite_loss_step_is_skipped_when_configured(tmp_path):
+    overrides = [*SHORT, "trainer.max_epochs=1", "faults.on_nonfinite_loss=skip"]
+    run_with(NanLossOnce(), overrides, tmp_path)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert all(
+        torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point()
+    )
+    metrics = (tmp_path / "csv" / "metrics.csv").read_text()
+    assert "train/nonfinite_steps" in metrics.splitlines()[0]
+
+
+def test_out_of_memory_names_the_batch_and_the_ways_out(tmp_path, monkeypatch):
+    from vitrain.models import ViTClassifier
+
+    def no_memory(self, images):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(ViTClassifier, "forward", no_memory)
+    with pytest.raises(UserError) as err:
+        run_train([*SHORT, "trainer.max_epochs=1", "trainer.num_sanity_val_steps=0"], tmp_path)
+    for text in (
+        "64 images per device",
+        "data.batch_size=32 trainer.accumulate_grad_batches=2",
+        "model.grad_checkpointing=true",
+    ):
+        assert text in str(err.value)
+
+
+def test_run_directory_not_writable_is_an_error(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(UserError, match="is not writable .* hydra.run.dir="):
+        run_train(SHORT, tmp_path / "a-file" / "run")
+
+
+def test_too_little_disk_for_checkpoints_is_an_error(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
+    with pytest.raises(UserError, match=r"has 0.00 GB free, but checkpoints .* need about"):
+        run_train(SHORT, tmp_path)
+
+
+# --- secrets -------------------------------------------------------------------------------
+def test_redact_hides_secret_keys_values_and_overrides():
+    secret = "wandb-key-0123456789"
+    data = {
+        "logger": {"api_key": "abc", "note": f"key {secret}"},
+        "overrides": ["+x.token=abc123", "model=vit_b16"],
+    }
+    assert redact(data, [secret]) == {
+        "logger": {"api_key": "***", "note": "key ***"},
+        "overrides": ["+x.token=***", "model=vit_b16"],
+    }
+
+
+@pytest.mark.slow
+def test_credentials_never_reach_any_file_of_the_run(tmp_path):
+    secret = "wandb-secret-9f8e7d6c5b4a"
+    run_dir = tmp_path / "run"
+    env = {
+        **os.environ,
+        "WANDB_API_KEY": secret,
+        "WANDB_MODE": "offline",
+        "VITRAIN_LOG_DIR": str(tmp_path / "logs"),
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "experiment=quickstart",
+            "logger=wandb",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1",
+            f"hydra.run.dir={run_dir}",
+            "+leak=${oc.env:WANDB_API_KEY}",
+            "+private.api_key=other-credential-42",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".ckpt" for p in files) and any(p.suffix == ".wandb" for p in files)
+    for path in files:
+        data = path.read_bytes()
+        assert secret.encode() not in data, path
+        assert b"other-credential-42" not in data, path
+    assert secret not in result.stdout + result.stderr

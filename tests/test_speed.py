@@ -1,0 +1,370 @@
+"""Compute speed: no host reads in the training step, speed switches, checkpoints with and without
+torch.compile, the batch-size finder, and bench/throughput.py (vit_micro, 32 px, CPU)."""
+
+import collections
+import json
+import subprocess
+import sys
+import traceback
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import ROOT, compose_config, requires_gpu, run_train
+
+import vitrain.train
+from vitrain.errors import UserError
+from vitrain.models import ViTClassifier, create_vit
+from vitrain.models.module import compile_mode
+from vitrain.train import build_callbacks, build_module
+from vitrain.tune import PerDeviceBatchSizeFinder
+
+LOG_EVERY = 4
+MICRO = [
+    "experiment=quickstart",
+    "data=synthetic",
+    "data.image_size=32",
+    "data.num_classes=10",
+    "data.batch_size=16",
+    "data.val_batches=1",
+    "trainer.max_epochs=1",
+    "trainer.accelerator=cpu",
+    f"trainer.log_every_n_steps={LOG_EVERY}",
+]
+# What reads a tensor's value on the host: on a GPU each one waits for the device to finish.
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """vit_micro's small matmuls gain little from 2 threads, and with another process busy on
+    this 2-core machine 2 OpenMP threads run 10x slower than 1."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def add_callback(monkeypatch, callback: pl.Callback) -> None:
+    """vitrain.train.train with one more callback, first in line (before SpeedMonitor & co)."""
+    original = vitrain.train.build_callbacks
+
+    def build(cfg, *args, **kwargs):
+        return [callback, *original(cfg, *args, **kwargs)]
+
+    monkeypatch.setattr(vitrain.train, "build_callbacks", build)
+
+
+class HostReads(pl.Callback):
+    """Which training batch each host read of a tensor happens in (None: outside the steps).
+
+    A batch's interval runs from its on_train_batch_start to the next one, so it holds the
+    step, backward, optimizer, scheduler, every callback and Lightning's logging of that batch.
+    """
+
+    def __init__(self) -> None:
+        self.batch: int | None = None
+        self.reads: dict[int, list[str]] = collections.defaultdict(list)
+
+    def record(self, name: str) -> None:
+        if self.batch is not None:
+            caller = traceback.extract_stack(limit=4)[0]
+            self.reads[self.batch].append(f"{name} at {caller.filename}:{caller.lineno}")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batch = batch_idx
+
+    def on_validation_start(self, trainer, pl_module):
+        self.batch = None
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.batch = None
+
+
+def watch_host_reads(monkeypatch, probe: HostReads) -> None:
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def patched(self, *args, __original=original, __name=name, **kwargs):
+            probe.record(__name)
+            return __original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, patched)
+
+
+@pytest.mark.parametrize("careless", [False, True], ids=["vitrain", "with-item-in-step"])
+def test_training_step_reads_the_host_only_at_logging_steps(careless, tmp_path, monkeypatch):
+    """Every default callback, the CSV logger, the progress bar and mixup/cutmix on: values
+    reach the host only at the log_every_n_steps batches. The second case adds one `.item()` to
+    training_step and shows that the probe catches it."""
+    if careless:
+        step = ViTClassifier.training_step
+
+        def training_step(self, batch, batch_idx):
+            loss = step(self, batch, batch_idx)
+            print(f"loss {loss.item():.3f}")  # the edit this test exists to catch
+            return loss
+
+        monkeypatch.setattr(ViTClassifier, "training_step", training_step)
+    probe = HostReads()
+    add_callback(monkeypatch, probe)
+    watch_host_reads(monkeypatch, probe)
+    batches = 10
+    run_train(
+        [
+            *MICRO,
+            f"data.train_batches={batches}",
+            "logger=csv",
+            "callbacks=default",
+            "recipe.mixup_alpha=0.8",
+            "recipe.cutmix_alpha=1.0",
+            # As on a GPU (recipe.fused=null there): the step count stays on the device. The
+            # for-loop AdamW keeps it in a host tensor and reads it with .item(), which on a
+            # GPU is no sync, but which this CPU probe cannot tell from one.
+            "recipe.fused=true",
+        ],
+        tmp_path,
+    )
+    logging_batches = {b for b in range(batches) if (b + 1) % LOG_EVERY == 0}
+    assert logging_batches <= set(probe.reads)  # the probe sees Lightning's logging reads
+    between = {b: reads for b, reads in probe.reads.items() if b not in logging_batches}
+    if careless:
+        assert set(between) == set(range(batches)) - logging_batches
+    else:
+        assert not between, f"host reads inside training steps: {dict(between)}"
+
+
+class SyncDebug(pl.Callback):
+    """torch.cuda sync debug mode 'error' over every batch after the first two, except the
+    logging batches: any host-device synchronisation there raises."""
+
+    def __init__(self, log_every: int, warmup: int = 2) -> None:
+        self.log_every, self.warmup, self.checked = log_every, warmup, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        logs = (batch_idx + 1) % self.log_every == 0
+        checked = batch_idx >= self.warmup and not logs
+        torch.cuda.set_sync_debug_mode("error" if checked else "default")
+        self.checked += checked
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        torch.cuda.set_sync_debug_mode("default")
+
+    on_validation_start = on_train_epoch_end
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_training_step_never_synchronises_with_the_gpu(precision, tmp_path, monkeypatch):
+    probe = SyncDebug(LOG_EVERY)
+    add_callback(monkeypatch, probe)
+    try:
+        run_train(
+            [
+                *[o for o in MICRO if not o.startswith("trainer.accelerator")],
+                "trainer.accelerator=cuda",
+                "trainer.devices=1",
+                f"trainer.precision={precision}",
+                "data.train_batches=10",
+                "logger=csv",
+                "callbacks=default",
+                "recipe.mixup_alpha=0.8",
+                "recipe.cutmix_alpha=1.0",
+            ],
+            tmp_path,
+        )
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert probe.checked == 10 - 2 - 2  # batches 2..9 less the logging ones (3, 7)
+
+
+# --- speed switches -------------------------------------------------------------------------
+
+
+def test_compile_values_name_torch_compile_modes():
+    assert [compile_mode(v) for v in (False, None, "off", "false")] == [None] * 4
+    assert compile_mode(True) == compile_mode("true") == "default"
+    assert compile_mode("max-autotune") == "max-autotune"
+    with pytest.raises(UserError, match="compile=fast is not one of off, default"):
+        compile_mode("fast")
+
+
+def test_compile_mode_reaches_module_compile(monkeypatch):
+    modes = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: modes.append(kw["mode"]))
+    for value in ("off", "max-autotune", "true"):
+        build_module(compose_config([*MICRO, f"compile={value}"]))
+    assert modes == ["max-autotune", "default"]
+
+
+def test_fused_attention_switch_sets_every_block_and_keeps_the_math():
+    cfg = compose_config([*MICRO, "model.fused_attn=false"])
+    torch.manual_seed(0)
+    explicit = create_vit(**cfg.model)
+    fused = create_vit(**{**cfg.model, "fused_attn": True})
+    fused.load_state_dict(explicit.state_dict())
+    blocks = [m for m in explicit.modules() if hasattr(m, "fused_attn")]
+    assert len(blocks) == 4 and not any(m.fused_attn for m in blocks)
+    assert all(m.fused_attn for m in fused.modules() if hasattr(m, "fused_attn"))
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(explicit(images), fused(images), rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """torch.compile with dynamo's eager backend: the real graph capture, no C++ build."""
+    original, calls = torch.compile, []
+
+    def compile_eagerly(model, **kwargs):
+        calls.append(kwargs)
+        return original(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    return calls
+
+
+@pytest.mark.parametrize("saved, loaded", [("default", "off"), ("off", "default")])
+def test_checkpoints_resume_with_and_without_compile(saved, loaded, tmp_path, eager_compile):
+    first = tmp_path / "first"
+    run_train([*MICRO, "data.train_batches=2", "logger=none", f"compile={saved}"], first)
+    ckpt = first / "checkpoints" / "last.ckpt"
+    # The compiled run did run through dynamo: frames captured into graphs.
+    assert bool(eager_compile) == (saved != "off")
+    assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0) == (saved != "off")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert not [k for k in state if "_orig_mod" in k]
+    # Loaded into a model built the other way, the weights are the saved ones...
+    module = ViTClassifier.load_from_checkpoint(ckpt, compile=loaded)
+    assert set(module.state_dict()) == set(state)
+    torch.testing.assert_close(module.state_dict()["model.head.weight"], state["model.head.weight"])
+    # ...and training resumes from them.
+    metrics = run_train(
+        [
+            *MICRO,
+            "data.train_batches=2",
+            "logger=none",
+            f"compile={loaded}",
+            "trainer.max_epochs=2",
+            f"ckpt_path={ckpt}",
+        ],
+        tmp_path / "resumed",
+    )
+    assert metrics["train/loss"] > 0
+
+
+def test_checkpoint_of_a_torch_compile_wrapped_model_loads():
+    module = build_module(compose_config(MICRO))
+    wrapped = {
+        k.replace("model.", "model._orig_mod.", 1): v for k, v in module.state_dict().items()
+    }
+    checkpoint = {"state_dict": dict(wrapped)}
+    module.on_load_checkpoint(checkpoint)
+    fresh = build_module(compose_config(MICRO))
+    fresh.load_state_dict(checkpoint["state_dict"])  # strict: every key found
+    torch.testing.assert_close(fresh.model.head.weight, module.model.head.weight)
+
+
+# --- batch-size finder ------------------------------------------------------------------------
+
+
+def test_batch_size_finder_trains_with_the_batch_it_found(tmp_path, monkeypatch):
+    built = []
+    original = vitrain.train.build_module
+    monkeypatch.setattr(
+        vitrain.train, "build_module", lambda cfg: built.append(original(cfg)) or built[-1]
+    )
+    cfg = compose_config(
+        [
+            *MICRO,
+            "data.batch_size=8",
+            "data.train_batches=3",
+            "logger=none",
+            "callbacks=none",
+            "tune.batch_size=true",
+            "tune.max_trials=3",
+            "tune.steps_per_trial=1",
+        ],
+        tmp_path,
+    )
+    vitrain.train.train(cfg)
+    # 8 -> 16 -> 32: three trials (CPU never runs out of memory; max_trials caps the search).
+    assert cfg.data.batch_size == 32
+    report = json.loads((tmp_path / "run_report.json").read_text())
+    assert report["config"]["global_batch"] == 32 and report["config"]["per_device_batch"] == 32
+    images_per_epoch = (
+        report["epochs"][0]["perf/images_per_s"] * report["epochs"][0]["perf/epoch_time_s"]
+    )
+    assert images_per_epoch == pytest.approx(3 * 32)
+    module = built[0]
+    assert module.hparams.global_batch_size == 32
+    base_lr = cfg.recipe.base_lr
+    assert module.trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(
+        base_lr * 32 / 512
+    )
+
+
+def test_batch_size_finder_is_built_only_when_asked_and_refuses_what_it_cannot_do(tmp_path):
+    def names(overrides: list[str]) -> list[str]:
+        cfg = compose_config([*MICRO, *overrides], tmp_path)
+        return [type(c).__name__ for c in build_callbacks(cfg)]
+
+    assert "PerDeviceBatchSizeFinder" not in names([])
+    assert names(["tune.batch_size=true"])[0] == "PerDeviceBatchSizeFinder"
+    with pytest.raises(UserError, match="tune.mode=binsearch tries odd batch sizes"):
+        names(["tune.batch_size=true", "tune.mode=binsearch", "recipe.mixup_alpha=0.8"])
+    with pytest.raises(UserError, match="a resumed run keeps the batch"):
+        names(["tune.batch_size=true", "ckpt_path=/x/last.ckpt"])
+
+
+def test_batch_size_finder_refuses_several_devices():
+    finder = PerDeviceBatchSizeFinder()
+
+    class Trainer:
+        world_size = 8
+
+    with pytest.raises(UserError, match="runs on one device, this run has 8"):
+        finder.setup(Trainer(), None, "fit")
+
+
+# --- the benchmark ----------------------------------------------------------------------------
+
+
+def test_throughput_bench_prints_both_loops_and_their_ratio(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "throughput.py"),
+            "--repeats",
+            "1",
+            "--warmup",
+            "2",
+            "--steps",
+            "3",
+            "--batch",
+            "8",
+            "--fused-attn",
+            "on,off",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("| vit_micro")]
+    assert len(lines) == 2  # one row per value of the swept switch
+    rows = json.loads(out.read_text())["rows"]
+    for row in rows:
+        assert row["vitrain"]["images_per_s"] > 0 and row["raw"]["images_per_s"] > 0
+        assert row["ratio"] == pytest.approx(
+            row["vitrain"]["images_per_s"] / row["raw"]["images_per_s"]
+        )
+        assert f"| {row['ratio']:.3f} |" in "\n".join(lines)
+    assert "torch 2." in result.stdout and "lightning 2." in result.stdout
