@@ -77,10 +77,20 @@ def real_runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("real_runs")
     for batch in (16, 32):
         run_train(
-            ["experiment=quickstart", "data=synthetic", "data.image_size=32",
-             "data.num_classes=10", f"data.batch_size={batch}", "data.train_batches=8",
-             "data.val_batches=1", "trainer.max_epochs=2", "trainer.accelerator=cpu",
-             "logger=none", "callbacks=none", "trainer.enable_progress_bar=false"],
+            [
+                "experiment=quickstart",
+                "data=synthetic",
+                "data.image_size=32",
+                "data.num_classes=10",
+                f"data.batch_size={batch}",
+                "data.train_batches=8",
+                "data.val_batches=1",
+                "trainer.max_epochs=2",
+                "trainer.accelerator=cpu",
+                "logger=none",
+                "callbacks=none",
+                "trainer.enable_progress_bar=false",
+            ],
             root / f"batch{batch}",
         )
     return root

@@ -25,9 +25,7 @@ def check_file(path: str) -> str | None:
 
 
 def image_files(root: Path) -> list[str]:
-    return sorted(
-        str(p) for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS
-    )
+    return sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
 
 
 def find_bad_files(root: Path, workers: int) -> tuple[int, list[tuple[str, str]]]:
