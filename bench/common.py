@@ -34,22 +34,7 @@ def quiet_lightning() -> None:
 
 def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
     """The config `python train.py <overrides>` would get, with its run directory at output_dir."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from vitrain.config import register_configs
+    from vitrain.config import compose_config as compose
 
     os.environ.setdefault("VITRAIN_ROOT", str(ROOT))
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg.hydra
-    return cfg
+    return compose(ROOT / "conf", overrides, output_dir)

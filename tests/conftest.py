@@ -7,18 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("VITRAIN_ROOT", str(ROOT))
 os.environ.setdefault("WANDB_SILENT", "true")
 
-from vitrain.config import register_configs  # noqa: E402
+from vitrain import config as vitrain_config  # noqa: E402
 
-register_configs()
+vitrain_config.register_configs()
 
 # Small, fast and still the real code path: vit_micro on the real digits ImageFolder.
 TINY = ["experiment=quickstart", "logger=csv", "trainer.enable_progress_bar=false"]
@@ -28,17 +25,7 @@ requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a
 
 def compose_config(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
     """The config `python train.py <overrides>` would get, with its run directory at output_dir."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    if output_dir is not None:
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(output_dir)
-            cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg.hydra
-    return cfg
+    return vitrain_config.compose_config(ROOT / "conf", overrides, output_dir)
 
 
 def run_train(overrides: list[str], output_dir: Path) -> dict:

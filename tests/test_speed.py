@@ -2,6 +2,7 @@
 torch.compile, the batch-size finder, and bench/throughput.py (vit_micro, 32 px, CPU)."""
 
 import collections
+import csv
 import json
 import subprocess
 import sys
@@ -132,6 +133,12 @@ def test_training_step_reads_the_host_only_at_logging_steps(careless, tmp_path, 
         assert set(between) == set(range(batches)) - logging_batches
     else:
         assert not between, f"host reads inside training steps: {dict(between)}"
+        # ...and what is logged is still all there: the step loss at every logging step, the
+        # epoch mean once.
+        with open(next(tmp_path.rglob("metrics.csv"))) as f:
+            rows = list(csv.DictReader(f))
+        assert [int(r["step"]) for r in rows if r.get("train/loss")] == sorted(logging_batches)
+        assert len([r for r in rows if r.get("train/loss_epoch")]) == 1
 
 
 class SyncDebug(pl.Callback):

@@ -31,3 +31,25 @@ def register_configs() -> None:
     ConfigStore.instance().store(
         group="trainer", name="lightning_defaults", node=lightning_trainer_defaults()
     )
+
+
+def compose_config(config_dir: str, overrides: list[str], output_dir=None):
+    """The config `python train.py <overrides>` gets, outside a Hydra run (tests, benchmarks):
+    composed from config_dir, with the run directory at output_dir."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(output_dir)
+            cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg.hydra
+    return cfg

@@ -18,6 +18,15 @@ from vitrain.perf.flops import training_flops_per_image
 from vitrain.perf.nvml import NvmlSampler, nvml_reader_for
 from vitrain.perf.peaks import mfu, peak_flops
 
+
+def synchronized_now(trainer: pl.Trainer) -> float:
+    """perf_counter after the device has finished the work queued so far."""
+    device = trainer.strategy.root_device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 _GATHERED = (
     "images",
     "train_time",
@@ -71,15 +80,8 @@ class SpeedMonitor(pl.Callback):
             self._sampler = None
 
     # --- timing ---------------------------------------------------------------------------
-    @staticmethod
-    def _sync(trainer: pl.Trainer) -> float:
-        device = trainer.strategy.root_device
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
-
     def _open_segment(self, trainer: pl.Trainer) -> None:
-        self._segment_start = self._last_batch_end = self._sync(trainer)
+        self._segment_start = self._last_batch_end = synchronized_now(trainer)
         self._segment_batches = 0
         if self._sampler is not None:
             self._sampler.resume()
@@ -88,7 +90,7 @@ class SpeedMonitor(pl.Callback):
         if self._sampler is not None:
             self._sampler.pause()
         if self._segment_batches:  # a segment without batches holds only checkpointing
-            self._train_time += self._sync(trainer) - self._segment_start
+            self._train_time += synchronized_now(trainer) - self._segment_start
             self._segment_batches = 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -1,11 +1,11 @@
 """Wall time of a window of training steps, synchronised with the device at both ends."""
 
 import json
-import time
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
+
+from vitrain.perf.speed import synchronized_now
 
 
 class StepWindow(pl.Callback):
@@ -24,20 +24,13 @@ class StepWindow(pl.Callback):
         self._t0: float | None = None
         self._images = 0
 
-    @staticmethod
-    def _sync(trainer: pl.Trainer) -> float:
-        device = trainer.strategy.root_device
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
-
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if trainer.current_epoch != 0:
             return
         if batch_idx == self.start:
-            self._t0 = self._sync(trainer)
+            self._t0 = synchronized_now(trainer)
         elif batch_idx == self.end and self._t0 is not None:
-            seconds = self._sync(trainer) - self._t0
+            seconds = synchronized_now(trainer) - self._t0
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(
                 json.dumps(
