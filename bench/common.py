@@ -15,8 +15,22 @@ from omegaconf import DictConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def gpu_driver() -> str | None:
+    """The NVIDIA driver's version (NVML), or None without one."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlSystemGetDriverVersion()
+    except Exception:  # no pynvml, no driver, no GPU: the header says nothing of a driver
+        return None
+
+
 def machine_header() -> str:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
+    driver = gpu_driver() if torch.cuda.is_available() else None
+    if driver:
+        device = f"{device} (driver {driver}, CUDA {torch.version.cuda})"
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (
         f"machine: {platform.node()} | {device or platform.machine()} | {cpus} CPUs | "

@@ -11,10 +11,12 @@ For each combination of the swept settings, on one device and random on-device b
     loss, the same precision (torch.autocast; a GradScaler for fp16) and the same compile mode,
     timed the same way.
 
-(a) and (b) alternate (a b b a ...) for --repeats rounds; the table gives medians and the ratio
-(a)/(b) of the median images/s. MFU uses vitrain.perf.flops and vitrain.perf.peaks.
+(a) and (b) alternate (a b b a ...) for --repeats rounds, in each of --processes fresh processes
+(on a CPU the same kernels run a few % faster or slower from one process to the next); the table
+gives the medians of all runs and the ratio (a)/(b) of the median images/s. MFU uses
+vitrain.perf.flops and vitrain.perf.peaks; peak memory is torch.cuda.max_memory_allocated.
 
-    python bench/throughput.py                                  # CPU: vit_micro, 32 px, batch 64
+    python bench/throughput.py --processes 4 --threads 1       # CPU: vit_micro, 32 px, batch 64
     python bench/throughput.py --models vit_s16,vit_b16,vit_l16 --batch 256 \\
         --precisions 16-mixed,bf16-mixed --compile off,default      # the README GPU table
     python bench/throughput.py --fused-adamw off,on --fused-attn off,on --repeats 7
@@ -28,6 +30,7 @@ import json
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +51,7 @@ from common import compose_config, machine_header, quiet_lightning  # noqa: E402
 from vitrain.errors import UserError  # noqa: E402
 from vitrain.models import create_vit  # noqa: E402
 from vitrain.models.module import compile_mode  # noqa: E402
+from vitrain.perf.cpu_memory import keep_freed_memory  # noqa: E402
 from vitrain.perf.flops import training_flops_per_image  # noqa: E402
 from vitrain.perf.peaks import compute_dtype, peak_flops  # noqa: E402
 from vitrain.train import train  # noqa: E402
@@ -120,6 +124,8 @@ def run_raw(cfg, warmup: int, steps: int, device: torch.device) -> dict:
     recipe = OmegaConf.to_container(cfg.recipe, resolve=True)
     mode = compile_mode(cfg.compile)
     fresh_device(device, compiled=bool(mode))
+    if cfg.get("cpu_keep_freed_memory") and device.type == "cpu":
+        keep_freed_memory()  # what (a) does on a CPU: the same allocator for both loops
     torch.manual_seed(cfg.seed)
     model = create_vit(**model_cfg).to(device).train()
     if mode:
@@ -206,53 +212,60 @@ def overrides_for(args, model: str, batch: int, switches: dict) -> list[str]:
     return [*out, *args.set]
 
 
-def measure(args, model: str, batch: int, switches: dict, root: Path) -> dict:
-    """Interleaved repeats of (a) and (b) for one configuration; medians and the ratio."""
-    row = {"model": model, "batch": batch, **switches}
-    samples = {"vitrain": [], "raw": []}
-    cfg = None
+def device_for(accelerator: str) -> torch.device:
+    cuda = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if cuda else "cpu")
+
+
+def collect(args, model: str, batch: int, switches: dict, root: Path) -> dict:
+    """Interleaved repeats of (a) and (b) for one configuration: every run's figures."""
+    row = {"model": model, "batch": batch, **switches, "vitrain": [], "raw": []}
+    device = device_for(args.accelerator)
     try:
         for repeat in range(args.repeats):
             order = ("vitrain", "raw") if repeat % 2 == 0 else ("raw", "vitrain")
             for side in order:
                 out = Path(tempfile.mkdtemp(prefix=f"{side}-", dir=root))
                 cfg = compose_config(overrides_for(args, model, batch, switches), out)
-                device = torch.device(
-                    "cuda"
-                    if args.accelerator in ("cuda", "gpu")
-                    or (args.accelerator == "auto" and torch.cuda.is_available())
-                    else "cpu"
-                )
                 if side == "vitrain":
-                    samples[side].append(run_vitrain(cfg, args.warmup, args.steps, out, device))
+                    row[side].append(run_vitrain(cfg, args.warmup, args.steps, out, device))
                 else:
-                    samples[side].append(run_raw(cfg, args.warmup, args.steps, device))
+                    row[side].append(run_raw(cfg, args.warmup, args.steps, device))
     except UserError as err:
         return {**row, "error": str(err)}
     row["image_size"] = cfg.data.image_size
-    flops = training_flops_per_image(OmegaConf.to_container(cfg.model, resolve=True))
+    row["flops_per_image"] = training_flops_per_image(
+        OmegaConf.to_container(cfg.model, resolve=True)
+    )
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    peak = peak_flops(device_name, row["precisions"])
-    row["compute_dtype"] = compute_dtype(row["precisions"])
-    for side, runs in samples.items():
+    row["peak_flops"] = peak_flops(device_name, switches["precisions"])
+    row["compute_dtype"] = compute_dtype(switches["precisions"])
+    return row
+
+
+def summarize(row: dict, steps: int) -> dict:
+    """Medians of the runs (of every process), the ratio of the medians and the paired ratios."""
+    if "error" in row:
+        return row
+    flops, peak = row["flops_per_image"], row["peak_flops"]
+    for side in ("vitrain", "raw"):
+        runs = row[side]
         rates = [r["images"] / r["seconds"] for r in runs]
         rate = statistics.median(rates)
         peaks = [r["peak_gib"] for r in runs if r["peak_gib"] is not None]
-        row[side] = {
+        row[f"{side}_summary"] = {
             "images_per_s": rate,
             "images_per_s_runs": rates,
-            "step_ms": statistics.median(r["seconds"] / args.steps * 1e3 for r in runs),
+            "step_ms": statistics.median(r["seconds"] / steps * 1e3 for r in runs),
             "tflops": flops * rate / 1e12,
             "mfu": flops * rate / peak if peak else None,
             "peak_gib": max(peaks) if peaks else None,
         }
-    row["ratio"] = row["vitrain"]["images_per_s"] / row["raw"]["images_per_s"]
+    a, b = row["vitrain_summary"], row["raw_summary"]
+    row["ratio"] = a["images_per_s"] / b["images_per_s"]
     # Each repeat's (a)/(b): paired in time, so a drift in machine load cancels out.
     row["ratio_runs"] = [
-        a / b
-        for a, b in zip(
-            row["vitrain"]["images_per_s_runs"], row["raw"]["images_per_s_runs"], strict=True
-        )
+        x / y for x, y in zip(a["images_per_s_runs"], b["images_per_s_runs"], strict=True)
     ]
     row["ratio_paired"] = statistics.median(row["ratio_runs"])
     return row
@@ -273,7 +286,7 @@ def table(rows: list[dict], varying: list[str]) -> str:
         if "error" in r:
             cells += [f"skipped: {r['error']}"] + [""] * (len(head) - len(cells) - 1)
         else:
-            a, b = r["vitrain"], r["raw"]
+            a, b = r["vitrain_summary"], r["raw_summary"]
             cells += [
                 f"{a['images_per_s']:,.0f}",
                 f"{b['images_per_s']:,.0f}",
@@ -308,6 +321,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--set", action="append", default=[], help="extra override, both sides")
     parser.add_argument("--json", type=Path, default=None, help="also write every figure here")
+    parser.add_argument(
+        "--processes", type=int, default=1, help="pool the repeats of this many processes"
+    )
+    parser.add_argument("--child-json", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     quiet_lightning()
@@ -328,24 +345,25 @@ def main() -> None:
         f"{SWITCHES[f][0]}={SWITCHES[f][1](v[0])}" for f, v in sweep.items() if f not in varying
     )
     print(
-        f"{args.repeats} interleaved repeats of {args.warmup} warm-up + {args.steps} timed steps; "
-        f"medians. Fixed: {fixed}{'; ' + ' '.join(args.set) if args.set else ''}",
+        f"{args.repeats} interleaved repeats x {args.processes} process(es) of {args.warmup} "
+        f"warm-up + {args.steps} timed steps; medians. "
+        f"Fixed: {fixed}{'; ' + ' '.join(args.set) if args.set else ''}",
         flush=True,
     )
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="vitrain-throughput-") as tmp:
-        for model, batch, *values in itertools.product(models, batches, *sweep.values()):
-            switches = dict(zip(sweep, values, strict=True))
-            row = measure(args, model, batch, switches, Path(tmp))
-            rows.append(row)
-            if "error" not in row:
-                print(
-                    f"  {model} batch {batch} {switches}: (a)/(b) per repeat "
-                    + " ".join(f"{x:.3f}" for x in row["ratio_runs"])
-                    + f", their median {row['ratio_paired']:.3f}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+    configs = list(itertools.product(models, batches, *sweep.values()))
+    if args.processes > 1:
+        rows = pooled_from_processes(args, len(configs))
+    else:
+        rows = []
+        with tempfile.TemporaryDirectory(prefix="vitrain-throughput-") as tmp:
+            for model, batch, *values in configs:
+                switches = dict(zip(sweep, values, strict=True))
+                rows.append(collect(args, model, batch, switches, Path(tmp)))
+                report_progress(rows[-1], args.steps)
+    if args.child_json:  # one of --processes: the parent pools and prints
+        args.child_json.write_text(json.dumps(rows))
+        return
+    rows = [summarize(row, args.steps) for row in rows]
     print()
     print(table(rows, varying))
     if args.json:
@@ -356,6 +374,53 @@ def main() -> None:
                 default=str,
             )
         )
+
+
+def report_progress(row: dict, steps: int) -> None:
+    if "error" not in row:
+        ratios = summarize(dict(row), steps)["ratio_runs"]
+        print(
+            f"  {row['model']} batch {row['batch']}: (a)/(b) per repeat "
+            + " ".join(f"{x:.3f}" for x in ratios),
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def pooled_from_processes(args, n_configs: int) -> list[dict]:
+    """Run the sweep in --processes fresh processes, one after the other, and pool their runs.
+
+    On a CPU the speed of the same kernels differs by a few % from one process to the next
+    (memory layout, where the process runs), while (a) and (b) share each process: pooling
+    the repeats of several processes keeps that out of the ratio.
+    """
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--processes", "--json"):
+            skip = True
+            continue
+        if arg.startswith(("--processes=", "--json=")):
+            continue
+        argv.append(arg)
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="vitrain-throughput-") as tmp:
+        for i in range(args.processes):
+            out = Path(tmp) / f"process{i}.json"
+            cmd = [sys.executable, __file__, *argv, "--child-json", str(out)]
+            done = subprocess.run(cmd, stdout=subprocess.DEVNULL)
+            if done.returncode:
+                raise SystemExit(f"process {i} of --processes failed: {' '.join(cmd)}")
+            for index, row in enumerate(json.loads(out.read_text())):
+                if i == 0:
+                    rows.append(row)
+                elif "error" not in row:
+                    rows[index]["vitrain"] += row["vitrain"]
+                    rows[index]["raw"] += row["raw"]
+    assert len(rows) == n_configs
+    return rows
 
 
 if __name__ == "__main__":

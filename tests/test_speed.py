@@ -12,11 +12,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import ROOT, compose_config, requires_gpu, run_train
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 import vitrain.train
 from vitrain.errors import UserError
 from vitrain.models import ViTClassifier, create_vit
 from vitrain.models.module import compile_mode
+from vitrain.perf import cpu_memory
 from vitrain.train import build_callbacks, build_module
 from vitrain.tune import PerDeviceBatchSizeFinder
 
@@ -218,6 +220,43 @@ def test_fused_attention_switch_sets_every_block_and_keeps_the_math():
     torch.testing.assert_close(explicit(images), fused(images), rtol=1e-4, atol=1e-5)
 
 
+def test_cpu_runs_keep_freed_memory_and_gpu_runs_leave_malloc_alone(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(cpu_memory, "keep_freed_memory", lambda: calls.append(1) or True)
+    callbacks = build_callbacks(compose_config(MICRO, tmp_path))
+    keep = [c for c in callbacks if isinstance(c, cpu_memory.KeepFreedMemory)]
+    assert len(keep) == 1
+    assert not any(
+        isinstance(c, cpu_memory.KeepFreedMemory)
+        for c in build_callbacks(compose_config([*MICRO, "cpu_keep_freed_memory=false"], tmp_path))
+    )
+
+    class Trainer:
+        class strategy:  # noqa: N801
+            root_device = torch.device("cpu")
+
+    keep[0].setup(Trainer(), None, "fit")
+    Trainer.strategy.root_device = torch.device("cuda", 0)
+    keep[0].setup(Trainer(), None, "fit")
+    assert calls == [1]  # the CPU run only
+
+
+def test_progress_bar_redraws_every_n_steps_not_every_step(tmp_path):
+    def bars(overrides: list[str]) -> list[int]:
+        callbacks = build_callbacks(compose_config([*MICRO, *overrides], tmp_path))
+        return [c.refresh_rate for c in callbacks if isinstance(c, TQDMProgressBar)]
+
+    assert bars([]) == [10]
+    assert bars(["progress_bar_refresh_rate=3"]) == [3]
+    assert bars(["trainer.enable_progress_bar=false"]) == []  # Lightning refuses a bar then
+    assert bars(["progress_bar_refresh_rate=null"]) == []  # Lightning's own, every step
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_keep_freed_memory_sets_glibc_thresholds():
+    assert cpu_memory.keep_freed_memory() is True
+
+
 @pytest.fixture
 def eager_compile(monkeypatch):
     """torch.compile with dynamo's eager backend: the real graph capture, no C++ build."""
@@ -313,6 +352,22 @@ def test_batch_size_finder_trains_with_the_batch_it_found(tmp_path, monkeypatch)
     )
 
 
+def test_synthetic_loader_allocates_at_its_first_batch_not_when_built(monkeypatch):
+    # The finder builds the next loader while the failed trial's OOM still holds its memory
+    # (seen on an H200: vit_b16 found 2048, then the loader's own allocation ran out).
+    from vitrain.data.synthetic import SyntheticDataModule
+
+    made = []
+    randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: made.append(a) or randn(*a, **k))
+    loader = SyntheticDataModule(batch_size=4, image_size=8, num_classes=3).train_dataloader()
+    assert made == [] and len(loader) == 100
+    batches = list(loader) + list(loader)
+    assert len(made) == 1  # once, then the same tensors every batch and epoch
+    assert all(b[0] is batches[0][0] and b[1] is batches[0][1] for b in batches)
+    assert batches[0][0].shape == (4, 3, 8, 8) and int(batches[0][1].max()) < 3
+
+
 def test_batch_size_finder_is_built_only_when_asked_and_refuses_what_it_cannot_do(tmp_path):
     def names(overrides: list[str]) -> list[str]:
         cfg = compose_config([*MICRO, *overrides], tmp_path)
@@ -339,27 +394,12 @@ def test_batch_size_finder_refuses_several_devices():
 # --- the benchmark ----------------------------------------------------------------------------
 
 
-def test_throughput_bench_prints_both_loops_and_their_ratio(tmp_path):
+def test_throughput_bench_pools_processes_into_one_table_with_the_ratio(tmp_path):
     out = tmp_path / "bench.json"
+    argv = "--repeats 1 --processes 2 --warmup 2 --steps 3 --batch 8 --fused-attn on,off"
     result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "throughput.py"),
-            "--repeats",
-            "1",
-            "--warmup",
-            "2",
-            "--steps",
-            "3",
-            "--batch",
-            "8",
-            "--fused-attn",
-            "on,off",
-            "--threads",
-            "1",
-            "--json",
-            str(out),
-        ],
+        [sys.executable, str(ROOT / "bench" / "throughput.py"), *argv.split()]
+        + ["--threads", "1", "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -367,11 +407,12 @@ def test_throughput_bench_prints_both_loops_and_their_ratio(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("| vit_micro")]
     assert len(lines) == 2  # one row per value of the swept switch
-    rows = json.loads(out.read_text())["rows"]
-    for row in rows:
-        assert row["vitrain"]["images_per_s"] > 0 and row["raw"]["images_per_s"] > 0
-        assert row["ratio"] == pytest.approx(
-            row["vitrain"]["images_per_s"] / row["raw"]["images_per_s"]
-        )
-        assert f"| {row['ratio']:.3f} |" in "\n".join(lines)
     assert "torch 2." in result.stdout and "lightning 2." in result.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["fused_attn"] for row in rows] == ["on", "off"]
+    for row, line in zip(rows, lines, strict=True):
+        assert len(row["vitrain"]) == len(row["raw"]) == 2  # 1 repeat from each process
+        a, b = row["vitrain_summary"], row["raw_summary"]
+        assert a["images_per_s"] > 0 and b["images_per_s"] > 0
+        assert row["ratio"] == pytest.approx(a["images_per_s"] / b["images_per_s"])
+        assert f"| {row['ratio']:.3f} |" in line

@@ -7,17 +7,29 @@ from vitrain.data.batching import per_device_batch_size
 
 
 class DeviceBatches:
-    """`length` batches that are the same tensors on the device: no copy, no decode, no wait."""
+    """`length` batches that are the same tensors on the device: no copy, no decode, no wait.
 
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, length: int) -> None:
-        self.images, self.targets, self.length = images, targets, length
+    The tensors are made at the first iteration, not with the loader: Lightning's batch-size
+    finder builds the next loader while the failed trial's out-of-memory exception (and so its
+    activations) is still alive, and a loader that allocated then would run out of memory itself.
+    """
+
+    def __init__(
+        self, shape: tuple[int, ...], num_classes: int, device: torch.device, length: int
+    ) -> None:
+        self.shape, self.num_classes, self.device, self.length = shape, num_classes, device, length
+        self.batch: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return self.length
 
     def __iter__(self):
+        if self.batch is None:
+            images = torch.randn(self.shape, device=self.device)
+            targets = torch.randint(0, self.num_classes, self.shape[:1], device=self.device)
+            self.batch = images, targets
         for _ in range(self.length):
-            yield self.images, self.targets
+            yield self.batch
 
 
 class SyntheticDataModule(pl.LightningDataModule):
@@ -47,9 +59,7 @@ class SyntheticDataModule(pl.LightningDataModule):
     def _batches(self, length: int) -> DeviceBatches:
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
         shape = (self.per_device_batch_size, 3, self.image_size, self.image_size)
-        images = torch.randn(shape, device=device)
-        targets = torch.randint(0, self.num_classes, (shape[0],), device=device)
-        return DeviceBatches(images, targets, length)
+        return DeviceBatches(shape, self.num_classes, device, length)
 
     def train_dataloader(self) -> DeviceBatches:
         return self._batches(self.train_batches)
