@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU measurements of docs/performance.md in one command (one GPU, about 9 minutes on an
-# H100/H200, more than 10 without a warm compile cache): the GPU tests, then bench/throughput.py for the README table and the switches.
+# The GPU measurements of docs/performance.md in one command (one GPU; 8 min 10 s on an H200 with
+# a cold compile cache): the GPU tests, then bench/throughput.py for the README table and switches.
 # Every step writes under OUT (default: bench-results/) as it ends, so a cut-off run keeps what it
 # finished. MODELS / BATCH / STEPS shrink it (e.g. MODELS=vit_micro for a dry run on a CPU).
 set -uo pipefail

@@ -107,7 +107,7 @@ def run_vitrain(cfg, warmup: int, steps: int, out: Path, device: torch.device) -
                 "path": str(window),
             },
         }
-    fresh_device(device, compiled=bool(compile_mode(cfg.compile)))
+    fresh_device(device, compiled=bool(compile_mode(cfg.compile, cfg.trainer.accelerator)))
     with open(out / "train.log", "w") as log:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             train(cfg)
@@ -122,7 +122,7 @@ def run_raw(cfg, warmup: int, steps: int, device: torch.device) -> dict:
         raise UserError(f"the raw loop runs 32-true, 16-mixed and bf16-mixed, not {precision}")
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     recipe = OmegaConf.to_container(cfg.recipe, resolve=True)
-    mode = compile_mode(cfg.compile)
+    mode = compile_mode(cfg.compile, cfg.trainer.accelerator)
     fresh_device(device, compiled=bool(mode))
     if cfg.get("cpu_keep_freed_memory") and device.type == "cpu":
         keep_freed_memory()  # what (a) does on a CPU: the same allocator for both loops

@@ -30,6 +30,7 @@ from vitrain.faults import NonFiniteLossGuard
 from vitrain.launch import job_environment, pin_ddp_children_to_this_job
 from vitrain.loggers import build_loggers, finish_loggers
 from vitrain.models import ViTClassifier
+from vitrain.models.module import compile_mode
 from vitrain.perf import SpeedMonitor
 from vitrain.perf.cpu_memory import KeepFreedMemory
 from vitrain.perf.run_report import build_run_report, format_summary, write_json_atomic
@@ -115,7 +116,7 @@ def build_module(cfg: DictConfig) -> ViTClassifier:
         model=OmegaConf.to_container(cfg.model, resolve=True),
         recipe=OmegaConf.to_container(cfg.recipe, resolve=True),
         global_batch_size=cfg.data.batch_size,
-        compile=cfg.compile,
+        compile=compile_mode(cfg.compile, cfg.trainer.accelerator) or False,
     )
 
 

@@ -21,15 +21,25 @@ _COMPILE_PREFIX = "_orig_mod."
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def compile_mode(value: bool | str | None) -> str | None:
-    """The torch.compile mode the `compile` config value asks for; None: run eagerly."""
+def compile_mode(value: bool | str | None, accelerator: str | None = None) -> str | None:
+    """The torch.compile mode the `compile` config value asks for; None: run eagerly.
+
+    `auto` compiles ("default") where the run trains on a CUDA GPU (trainer.accelerator) and runs
+    eagerly elsewhere: on an H200 compile made ViT-S/B/L 65/33/28 % faster, while on a CPU its
+    C++ build costs minutes that a short run never earns back (docs/performance.md).
+    """
+    if str(value).lower() == "auto":
+        cuda = accelerator in ("gpu", "cuda") or (
+            accelerator in (None, "auto") and torch.cuda.is_available()
+        )
+        return "default" if cuda else None
     if value is None or value is False or str(value).lower() in ("false", "off", "none"):
         return None
     if value is True or str(value).lower() in ("true", "on"):
         return "default"
     if value not in COMPILE_MODES:
         raise UserError(
-            f"compile={value} is not one of off, {', '.join(COMPILE_MODES)} "
+            f"compile={value} is not one of auto, off, {', '.join(COMPILE_MODES)} "
             "(torch.compile's modes; true means default)."
         )
     return str(value)

@@ -135,7 +135,7 @@ def build_run_report(
         "accumulate_grad_batches": trainer.accumulate_grad_batches,
         "container": container.get("kind"),
         # false, or the torch.compile mode ("default", "max-autotune", ...)
-        "compile": compile_mode(cfg.compile) or False,
+        "compile": compile_mode(cfg.compile, cfg.trainer.accelerator) or False,
         "max_epochs": trainer.max_epochs,
         "seed": cfg.seed,
         "tags": list(cfg.tags),
