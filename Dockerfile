@@ -37,9 +37,11 @@ RUN python -m pip install --constraint "${PIP_CONSTRAINT}" \
       "wandb>=0.17" \
       "torchmetrics>=1.4" \
       "scikit-learn>=1.3" \
+      "simplejpeg>=1.7" \
       "nvidia-ml-py>=12.535" \
       "tensorboardX>=2.6" \
-      "matplotlib>=3.7"
+      "matplotlib>=3.7" \
+      "webdataset>=1.0"
 
 # A non-root user with the host user's ids (Ubuntu 24.04 images already have `ubuntu` at 1000),
 # and the mount points it writes to: data (digits is written there), logs, wandb, caches.

@@ -19,6 +19,8 @@ from vitrain.errors import UserError
         ),
         (["data.batch_size=63", "trainer.accelerator=cpu"], "an odd number"),
         (["trainer.precision=fp8"], "trainer: Precision 'fp8' is invalid"),
+        # raised while Hydra instantiates the data module: reaches the user unwrapped
+        (["data=imagenet", "data.loader=bogus"], "data.loader=bogus is not one of fast, pil"),
     ],
 )
 def test_user_error_names_the_value_and_the_fix(overrides, message, tmp_path):

@@ -106,7 +106,14 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list) -> 
 
 
 def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
-    datamodule = instantiate(cfg.data, _convert_="all")
+    try:
+        datamodule = instantiate(cfg.data, _convert_="all")
+    except InstantiationException as err:
+        # A data module's own UserError (e.g. data.loader=bogus) reaches the user as itself,
+        # not as Hydra's wrapper with a traceback.
+        if isinstance(err.__cause__, UserError):
+            raise err.__cause__ from None
+        raise
     datamodule.check()
     return datamodule
 

@@ -6,11 +6,15 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
 from vitrain.data.batching import auto_num_workers, per_device_batch_size
+from vitrain.data.decode import DeviceNormalize, sample_transform
 from vitrain.data.images import RobustImageFolder
 from vitrain.data.transforms import eval_transform, train_transform
 from vitrain.errors import UserError
 
 SPLITS = ("train", "val")
+# fast: decode.py's uint8 path, normalised on the device; pil: timm's create_transform on PIL
+# images, floats made on the CPU. DALI has its own datamodule (data=imagenet_dali).
+LOADERS = ("fast", "pil")
 
 
 class ImageFolderDataModule(pl.LightningDataModule):
@@ -27,8 +31,16 @@ class ImageFolderDataModule(pl.LightningDataModule):
         std: list[float],
         pin_memory: bool = True,
         on_bad_sample: str = "skip",
+        loader: str = "fast",
     ) -> None:
         super().__init__()
+        if loader not in LOADERS:
+            hint = " (DALI has its own datamodule: data=imagenet_dali)" if loader == "dali" else ""
+            raise UserError(
+                f"data.loader={loader} is not one of {', '.join(LOADERS)} for data=imagenet"
+                f"{hint}: set data.loader=fast (the default) or data.loader=pil."
+            )
+        self.loader = loader
         self.root = Path(root)
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -40,6 +52,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory
         self.on_bad_sample = on_bad_sample
         self.datasets: dict[str, RobustImageFolder] = {}
+        # Turns the fast path's uint8 batches into normalised floats once they are on the device.
+        self.device_normalize = DeviceNormalize(self.mean, self.std, self.augment["re_prob"])
 
     def check(self) -> None:
         """Fail before training, naming the path and the override, if the layout is wrong."""
@@ -79,22 +93,36 @@ class ImageFolderDataModule(pl.LightningDataModule):
             return auto_num_workers(self.trainer.num_devices if self.trainer else 1)
         return int(self.num_workers)
 
-    def setup(self, stage: str | None = None) -> None:
-        transforms = {
-            "train": train_transform(self.image_size, self.augment, self.mean, self.std),
-            "val": eval_transform(
+    def _decoding(self, split: str) -> dict:
+        """RobustImageFolder's transform and loader for the split and data.loader."""
+        if self.loader == "fast":
+            decode = sample_transform(
+                split,
+                self.image_size,
+                self.augment,
+                self.eval_crop_pct,
+                self.augment["interpolation"],
+                mean=tuple(self.mean),
+            )
+            return {"transform": None, "loader": decode}
+        if split == "train":
+            transform = train_transform(self.image_size, self.augment, self.mean, self.std)
+        else:
+            transform = eval_transform(
                 self.image_size,
                 self.eval_crop_pct,
                 self.augment["interpolation"],
                 self.mean,
                 self.std,
-            ),
-        }
+            )
+        return {"transform": transform}
+
+    def setup(self, stage: str | None = None) -> None:
         for split in SPLITS:
             if split not in self.datasets:
                 try:
                     self.datasets[split] = RobustImageFolder(
-                        self.root / split, transforms[split], self.on_bad_sample
+                        self.root / split, on_bad_sample=self.on_bad_sample, **self._decoding(split)
                     )
                 except FileNotFoundError as err:
                     raise UserError(f"data.root={self.root}: {err}") from None
@@ -112,6 +140,15 @@ class ImageFolderDataModule(pl.LightningDataModule):
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
         )
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """fast: uint8 images -> normalised floats (+ random erasing when training), on the
+        device (Lightning calls this after moving the batch, for every split)."""
+        if self.loader != "fast":
+            return batch
+        images, targets, bad_files = batch
+        training = self.trainer is not None and self.trainer.training
+        return type(batch)((self.device_normalize(images, training), targets, bad_files))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

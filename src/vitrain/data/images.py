@@ -1,5 +1,6 @@
 """Image decoding that tells a bad file from a good one, and an ImageFolder that survives them."""
 
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
@@ -32,12 +33,22 @@ class RobustImageFolder(ImageFolder):
     A file that cannot be decoded is replaced by the next good sample, and its path travels with
     the batch (bad_files, ";"-joined, usually "") so that the main process can count and report
     it: DataLoader workers are separate processes. on_bad_sample="error" raises instead.
+
+    loader(path) decodes a file and raises one of IMAGE_ERRORS for a bad one: load_rgb (a PIL
+    image for `transform`), or the fast path's decode.SampleTransform, which decodes and augments
+    in one step (the crop is chosen before decoding) and needs no `transform`.
     """
 
-    def __init__(self, root: str | Path, transform, on_bad_sample: str = "skip") -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        transform: Callable | None,
+        on_bad_sample: str = "skip",
+        loader: Callable = load_rgb,
+    ) -> None:
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise UserError(f"data.on_bad_sample={on_bad_sample} is not one of skip, error.")
-        super().__init__(str(root), transform=transform, loader=load_rgb)
+        super().__init__(str(root), transform=transform, loader=loader)
         self.on_bad_sample = on_bad_sample
 
     def __getitem__(self, index: int):
@@ -54,7 +65,8 @@ class RobustImageFolder(ImageFolder):
                     ) from None
                 bad.append(path)
                 continue
-            return self.transform(image), target, ";".join(bad)
+            sample = self.transform(image) if self.transform is not None else image
+            return sample, target, ";".join(bad)
         raise BadSampleError(
             f"{_MAX_CONSECUTIVE_BAD} consecutive unreadable files from {bad[0]}: is {self.root} "
             "an image dataset? Check it with `python -m vitrain.data.check DATA_ROOT`."

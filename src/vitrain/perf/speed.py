@@ -163,8 +163,9 @@ class SpeedMonitor(pl.Callback):
             rank_zero_warn(
                 f"perf/data_wait_frac={wait:.2f}: the training loop waited for input "
                 f"{wait:.0%} of epoch {trainer.current_epoch}; the run is input-bound. Raise "
-                "data.num_workers, put the dataset on local fast storage, or use data=synthetic "
-                "to see the compute-bound speed."
+                "data.num_workers, keep data.loader=fast, decode on the GPU with "
+                "data=imagenet_dali, read local shards (data=imagenet_shards) instead of a slow "
+                "file system, or use data=synthetic to see the compute-bound speed."
             )
 
     def epoch_figures(self, ranks: list[dict[str, float]], step_times: list[float]) -> dict:
