@@ -199,3 +199,12 @@ def test_run_summary_is_printed(tmp_path, capsys):
     text = out.out + out.err
     assert "images/s" in text and "epoch time (median)" in text
     assert str(tmp_path / "run_report.json") in text
+
+
+def test_image_count_ignores_the_bad_file_names_imagefolder_batches_carry(recwarn):
+    from vitrain.perf.speed import images_in
+
+    images, targets = torch.zeros(4, 3, 2, 2), torch.zeros(4, dtype=torch.long)
+    assert images_in([images, targets, ["", "", "", ""]]) == 4
+    assert images_in({"x": images}) == 4  # anything else: Lightning's extract_batch_size
+    assert not [w for w in recwarn if "ambiguous" in str(w.message)]

@@ -38,6 +38,16 @@ _GATHERED = (
 )
 
 
+def images_in(batch: Any) -> int:
+    """The batch's image count: its first tensor's length for (images, targets, ...) batches.
+
+    Lightning's extract_batch_size also counts the bad-file names that ImageFolder batches carry
+    (strings, length 0 when all decoded) and then warns of an ambiguous batch."""
+    if isinstance(batch, list | tuple) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0].shape[0]
+    return extract_batch_size(batch)
+
+
 class SpeedMonitor(pl.Callback):
     """Measures the training loop of each epoch and logs `perf/*` on rank 0 to every logger.
 
@@ -115,7 +125,7 @@ class SpeedMonitor(pl.Callback):
         now = time.perf_counter()
         self._step_times.append(now - self._last_batch_end)
         self._last_batch_end = now
-        self._images += extract_batch_size(batch)  # a shape, not a value: no sync
+        self._images += images_in(batch)  # a shape, not a value: no sync
         self._segment_batches += 1
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
