@@ -2,7 +2,7 @@
 # The GPU measurements of docs/performance.md in one command (one GPU; 8 min 10 s on an H200 with
 # a cold compile cache): the GPU tests, then bench/throughput.py for the README table and switches.
 # Every step writes under OUT (default: bench-results/) as it ends, so a cut-off run keeps what it
-# finished. MODELS / BATCH / STEPS shrink it (e.g. MODELS=vit_micro for a dry run on a CPU).
+# finished. MODELS / BATCH / STEPS / LOADER_* shrink it (e.g. MODELS=vit_micro for a dry run on a CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-results}
@@ -39,3 +39,7 @@ for model in ${MODELS//,/ }; do
   [[ $model == "$B16" ]] || bench "compiled_$model" --models "$model" --precisions bf16-mixed \
     --compile default
 done
+# The input pipelines on this machine's CPUs, normalised on its GPU (DALI rows when installed).
+echo "== loader"
+timeout 300 "$PYTHON" bench/loader.py --workers "${LOADER_WORKERS:-8}" --batch "$BATCH" \
+  --images "${LOADER_IMAGES:-8000}" --repeats 1 2>&1
