@@ -21,7 +21,6 @@ images.IMAGE_ERRORS, so that RobustImageFolder's data.on_bad_sample handling see
 
 import io
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -220,17 +219,9 @@ class SampleTransform:
         return F.center_crop(resized, [self.size, self.size]).contiguous()
 
 
-def sample_transform(
-    split: str,
-    image_size: int,
-    augment: dict,
-    eval_crop_pct: float,
-    interpolation: str,
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406),
-) -> Callable[[bytes | str | Path], torch.Tensor]:
-    """Encoded image bytes (or a path) -> uint8 CHW image_size x image_size (see SampleTransform).
-    mean only sets RandAugment's fill colour, as in timm."""
-    return SampleTransform(split, image_size, augment, eval_crop_pct, interpolation, mean)
+# The name the data modules and bench/loader.py build the fast path's per-sample step by:
+# sample_transform(split, image_size, augment, eval_crop_pct, interpolation, mean=...).
+sample_transform = SampleTransform
 
 
 class DeviceRandomErasing:
