@@ -23,12 +23,14 @@ vitrain.perf.flops and vitrain.perf.peaks; peak memory is torch.cuda.max_memory_
 """
 
 import argparse
+import atexit
 import contextlib
 import gc
 import itertools
 import json
 import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -112,7 +114,12 @@ def run_vitrain(cfg, warmup: int, steps: int, out: Path, device: torch.device) -
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             train(cfg)
     timed = json.loads(window.read_text())
-    return {"seconds": timed["seconds"], "images": timed["images"], "peak_gib": peak_gib(device)}
+    return {
+        "seconds": timed["seconds"],
+        "images": timed["images"],
+        "warmup_seconds": timed["warmup_seconds"],
+        "peak_gib": peak_gib(device),
+    }
 
 
 def run_raw(cfg, warmup: int, steps: int, device: torch.device) -> dict:
@@ -167,7 +174,7 @@ def run_raw(cfg, warmup: int, steps: int, device: torch.device) -> dict:
     images = torch.randn(batch, 3, size, size, device=device)
     targets = torch.randint(0, model_cfg["num_classes"], (batch,), device=device)
 
-    start = 0.0
+    loop_start = start = sync(device)
     for step in range(warmup + steps):
         if step == warmup:
             start = sync(device)
@@ -184,7 +191,12 @@ def run_raw(cfg, warmup: int, steps: int, device: torch.device) -> dict:
             optimizer.step()
         scheduler.step_update(num_updates=step + 1)
     seconds = sync(device) - start
-    return {"seconds": seconds, "images": batch * steps, "peak_gib": peak_gib(device)}
+    return {
+        "seconds": seconds,
+        "images": batch * steps,
+        "warmup_seconds": start - loop_start,
+        "peak_gib": peak_gib(device),
+    }
 
 
 def overrides_for(args, model: str, batch: int, switches: dict) -> list[str]:
@@ -257,6 +269,9 @@ def summarize(row: dict, steps: int) -> dict:
             "images_per_s": rate,
             "images_per_s_runs": rates,
             "step_ms": statistics.median(r["seconds"] / steps * 1e3 for r in runs),
+            # The slowest: a process's first run, the only one that compiles from scratch (later
+            # runs reuse the process's compiled kernels), i.e. what a training run pays.
+            "warmup_s": max(r["warmup_seconds"] for r in runs),
             "tflops": flops * rate / 1e12,
             "mfu": flops * rate / peak if peak else None,
             "peak_gib": max(peaks) if peaks else None,
@@ -279,6 +294,7 @@ def table(rows: list[dict], varying: list[str]) -> str:
     head = ["model", "px", "batch", *(SWITCHES[k][0] for k in varying)]
     head += ["vitrain img/s", "raw img/s", "(a)/(b)", "vitrain step ms", "raw step ms"]
     head += ["vitrain MFU", "raw MFU", "vitrain TFLOP/s", "vitrain peak GiB", "raw peak GiB"]
+    head += ["vitrain warm-up s (max)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["model"], str(r.get("image_size", "")), str(r["batch"])]
@@ -298,9 +314,46 @@ def table(rows: list[dict], varying: list[str]) -> str:
                 f"{a['tflops']:.3g}",
                 _fmt(a["peak_gib"], ".2f"),
                 _fmt(b["peak_gib"], ".2f"),
+                f"{a['warmup_s']:.1f}",
             ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def compile_break_even(rows: list[dict]) -> list[str]:
+    """For each compiled row, the steps after which compiling has paid for its warm-up.
+
+    Compared with the row that differs only in compile=off (vitrain's side): compiling adds
+    warm-up seconds once and saves step time on every step after.
+    """
+
+    def key(row: dict) -> tuple:
+        return tuple((k, v) for k, v in row.items() if k in ("model", "batch", *SWITCHES))
+
+    eager = {
+        key({**r, "compile": "off"}): r
+        for r in rows
+        if r.get("compile") == "off" and "error" not in r
+    }
+    lines = []
+    for row in rows:
+        base = eager.get(key({**row, "compile": "off"}))
+        if row.get("compile") == "off" or "error" in row or base is None:
+            continue
+        a, b = row["vitrain_summary"], base["vitrain_summary"]
+        extra_s = a["warmup_s"] - b["warmup_s"]
+        saved_ms = b["step_ms"] - a["step_ms"]
+        what = f"compile={row['compile']} ({row['model']}, {row['precisions']}"
+        what += f", batch {row['batch']})"
+        if saved_ms <= 0:
+            lines.append(f"{what}: no faster per step ({saved_ms:+.1f} ms saved); never pays")
+        else:
+            steps = max(extra_s, 0.0) / (saved_ms / 1e3)
+            lines.append(
+                f"{what}: warm-up {extra_s:+.1f} s, step {-saved_ms:+.1f} ms: "
+                f"pays for itself after {steps:,.0f} steps"
+            )
+    return lines
 
 
 def main() -> None:
@@ -324,8 +377,17 @@ def main() -> None:
     parser.add_argument(
         "--processes", type=int, default=1, help="pool the repeats of this many processes"
     )
+    parser.add_argument(
+        "--cold-cache",
+        action="store_true",
+        help="each process compiles into an empty inductor cache, as on a new machine",
+    )
     parser.add_argument("--child-json", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.cold_cache:  # inductor reads TORCHINDUCTOR_CACHE_DIR when it first compiles
+        cache = tempfile.mkdtemp(prefix="vitrain-inductor-")
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
 
     quiet_lightning()
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)  # "Seed set to ..."
@@ -366,6 +428,8 @@ def main() -> None:
     rows = [summarize(row, args.steps) for row in rows]
     print()
     print(table(rows, varying))
+    for line in compile_break_even(rows):
+        print(line)
     if args.json:
         args.json.write_text(
             json.dumps(

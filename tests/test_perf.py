@@ -131,7 +131,18 @@ class SlowValidation(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def fit_with_monitor(train_delay_s: float, val_sleep_s: float) -> SpeedMonitor:
+class SlowFirstStep(SlowValidation):
+    """Its first training step takes 0.5 s longer, as a compiling one does."""
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 0:
+            time.sleep(0.5)
+        return super().training_step(batch, batch_idx)
+
+
+def fit_with_monitor(
+    train_delay_s: float, val_sleep_s: float, module: type = SlowValidation
+) -> SpeedMonitor:
     monitor = SpeedMonitor(data_wait_warning=0.3)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -144,7 +155,7 @@ def fit_with_monitor(train_delay_s: float, val_sleep_s: float) -> SpeedMonitor:
         num_sanity_val_steps=0,
     )
     trainer.fit(
-        SlowValidation(val_sleep_s),
+        module(val_sleep_s),
         DataLoader(SlowImages(40, train_delay_s), batch_size=4),
         DataLoader(SlowImages(8, 0.0), batch_size=4),
     )
@@ -158,6 +169,16 @@ def test_epoch_time_excludes_validation_and_images_per_s_counts_images():
         assert epoch["epoch_wall_s"] - epoch["perf/epoch_time_s"] >= 0.99
         assert epoch["perf/images_per_s"] * epoch["perf/epoch_time_s"] == pytest.approx(40)
         assert not any(k.startswith("perf/gpu") for k in epoch)  # no GPU here: absent, not 0
+
+
+def test_first_step_time_is_logged_once_with_the_first_epoch():
+    monitor = fit_with_monitor(train_delay_s=0.0, val_sleep_s=0.0, module=SlowFirstStep)
+    first, second = monitor.history
+    assert 0.5 <= first["perf/first_step_s"] < first["perf/epoch_time_s"]
+    assert "perf/first_step_s" not in second
+    # The median step hides the slow first step; first_step_s is where it shows.
+    assert first["perf/step_time_ms"] < 500
+    assert summarize(monitor.history, 2, 10.0)["first_step_s"] == first["perf/first_step_s"]
 
 
 def test_data_wait_frac_shows_an_input_bound_loop_and_warns():
@@ -181,6 +202,7 @@ def test_run_report_of_a_real_run(quickstart_run):
     assert len(report["epochs"]) == summary["epochs_run"] == 6
     assert summary["best_val_acc1"] == max(e["val/acc1"] for e in report["epochs"])
     assert summary["images_per_s"] > 0 and "mfu" not in summary
+    assert summary["first_step_s"] == report["epochs"][0]["perf/first_step_s"] > 0
     assert report["run"]["status"] == "finished"
 
 

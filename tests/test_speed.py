@@ -164,8 +164,11 @@ class SyncDebug(pl.Callback):
 
 @pytest.mark.gpu
 @requires_gpu
-@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
-def test_training_step_never_synchronises_with_the_gpu(precision, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "precision, compile",
+    [("16-mixed", "false"), ("bf16-mixed", "false"), ("bf16-mixed", "default")],
+)
+def test_training_step_never_synchronises_with_the_gpu(precision, compile, tmp_path, monkeypatch):
     probe = SyncDebug(LOG_EVERY)
     add_callback(monkeypatch, probe)
     try:
@@ -175,7 +178,7 @@ def test_training_step_never_synchronises_with_the_gpu(precision, tmp_path, monk
                 "trainer.accelerator=cuda",
                 "trainer.devices=1",
                 f"trainer.precision={precision}",
-                "compile=false",  # what was run on the H200 (2026-11-26): eager
+                f"compile={compile}",  # eager, and inductor's compiled step
                 "data.train_batches=10",
                 "logger=csv",
                 "callbacks=default",
@@ -222,6 +225,22 @@ def test_fused_attention_switch_sets_every_block_and_keeps_the_math():
     assert all(m.fused_attn for m in fused.modules() if hasattr(m, "fused_attn"))
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(explicit(images), fused(images), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("grad_ckpt", [False, True], ids=["plain", "grad-checkpointing"])
+def test_compiled_vit_is_one_graph_without_breaks(grad_ckpt):
+    """A graph break splits the compiled step and often hides a host read (e.g. `.item()`): the
+    ViT forward that `compile` compiles must trace whole, in training mode with drop path, under
+    autocast, and with timm's gradient checkpointing."""
+    cfg = compose_config(
+        [*MICRO, "model.drop_path_rate=0.1", f"model.grad_checkpointing={grad_ckpt}"]
+    )
+    model = create_vit(**cfg.model).train()
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(model)(torch.randn(4, 3, 32, 32))
+    assert explained.break_reasons == []
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
 
 
 def test_cpu_runs_keep_freed_memory_and_gpu_runs_leave_malloc_alone(monkeypatch, tmp_path):
@@ -416,7 +435,36 @@ def test_throughput_bench_pools_processes_into_one_table_with_the_ratio(tmp_path
     assert [row["fused_attn"] for row in rows] == ["on", "off"]
     for row, line in zip(rows, lines, strict=True):
         assert len(row["vitrain"]) == len(row["raw"]) == 2  # 1 repeat from each process
+        # The 2 warm-up steps, timed from the start of training (compile would be in them).
+        assert all(run["warmup_seconds"] > 0 for run in row["vitrain"] + row["raw"])
         a, b = row["vitrain_summary"], row["raw_summary"]
         assert a["images_per_s"] > 0 and b["images_per_s"] > 0
         assert row["ratio"] == pytest.approx(a["images_per_s"] / b["images_per_s"])
         assert f"| {row['ratio']:.3f} |" in line
+
+
+def test_throughput_bench_says_when_compile_pays_for_its_warm_up():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import throughput
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+    def row(compile, warmup_s, step_ms, model="vit_b16"):
+        summary = {"warmup_s": warmup_s, "step_ms": step_ms}
+        return {"model": model, "batch": 256, "precisions": "bf16-mixed", "compile": compile,
+                "vitrain_summary": summary}  # fmt: skip
+
+    rows = [
+        row("off", 2.0, 100.0),
+        row("default", 62.0, 75.0),  # +60 s once, -25 ms per step: 2,400 steps
+        row("max-autotune", 302.0, 110.0),  # slower per step: never pays
+        row("default", 50.0, 10.0, model="vit_s16"),  # no eager row to compare with
+    ]
+    lines = throughput.compile_break_even(rows)
+    assert lines == [
+        "compile=default (vit_b16, bf16-mixed, batch 256): warm-up +60.0 s, step -25.0 ms: "
+        "pays for itself after 2,400 steps",
+        "compile=max-autotune (vit_b16, bf16-mixed, batch 256): no faster per step "
+        "(-10.0 ms saved); never pays",
+    ]

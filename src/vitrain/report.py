@@ -38,6 +38,7 @@ METRICS: tuple[tuple[str, str, str, float, str], ...] = (
     ("images_per_s", "images/s", "images_per_s", 1.0, "{:.1f}"),
     ("images_per_s_per_device", "images/s/device", "images_per_s_per_device", 1.0, "{:.1f}"),
     ("mfu_pct", "MFU (%)", "mfu", 100.0, "{:.1f}"),
+    ("first_step_s", "first step (s)", "first_step_s", 1.0, "{:.1f}"),
     ("gpu_util_pct", "GPU util (%)", "gpu_util", 1.0, "{:.0f}"),
     ("gpu_mem_gb", "peak GPU mem (GB)", "gpu_mem_gb", 1.0, "{:.1f}"),
     ("best_val_acc1_pct", "best val/acc1 (%)", "best_val_acc1", 100.0, "{:.2f}"),

@@ -33,6 +33,9 @@ def summarize(epochs: list[dict], max_epochs: int | None, wall_time_s: float) ->
         value = _steady(epochs, key)
         if value is not None:
             summary[name] = value
+    first_step = [e["perf/first_step_s"] for e in epochs if "perf/first_step_s" in e]
+    if first_step:
+        summary["first_step_s"] = first_step[0]
     memory = [e["perf/gpu_mem_gb"] for e in epochs if "perf/gpu_mem_gb" in e]
     if memory:
         summary["gpu_mem_gb"] = max(memory)
@@ -77,6 +80,7 @@ def format_summary(report: dict) -> str:
             + f"  ({_fmt(s.get('images_per_s_per_device'), ',.1f')} per device)",
         ),
         ("step time (median)", _fmt(s.get("step_time_ms"), ".1f") + " ms"),
+        ("first step (start-up, compile)", _fmt(s.get("first_step_s"), ".1f") + " s"),
         ("data wait", _fmt(s.get("data_wait_frac"), ".1f", 100) + " %"),
         ("MFU", _fmt(s.get("mfu"), ".1f", 100) + " %"),
         (

@@ -55,6 +55,9 @@ class SpeedMonitor(pl.Callback):
     taken after a device synchronisation, so epoch time excludes validation and checkpointing.
     Step time is the host time between consecutive `on_train_batch_end`s: on a GPU the host runs
     ahead by at most the launch queue, so its median is the device's step time in steady state.
+    `perf/first_step_s` is the price of starting: from the start of training to the end of the
+    first step, device synchronised (worker start-up, the first batch, CUDA/cuDNN set-up and
+    torch.compile's compilation), logged with the figures of the epoch it falls in.
     """
 
     def __init__(self, nvml_interval_s: float = 0.1, data_wait_warning: float = 0.1) -> None:
@@ -66,6 +69,9 @@ class SpeedMonitor(pl.Callback):
         self.device_name: str | None = None
         self._sampler: NvmlSampler | None = None
         self._in_epoch = False
+        self._train_start: float | None = None
+        self.first_step_s: float | None = None
+        self._first_step_logged = False
 
     # --- set-up ---------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -104,6 +110,7 @@ class SpeedMonitor(pl.Callback):
             self._segment_batches = 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_start = synchronized_now(trainer)
         # A run resumed mid-epoch gets no on_train_epoch_start for the epoch it continues.
         self.on_train_epoch_start(trainer, pl_module)
 
@@ -127,6 +134,9 @@ class SpeedMonitor(pl.Callback):
         self._last_batch_end = now
         self._images += images_in(batch)  # a shape, not a value: no sync
         self._segment_batches += 1
+        if self.first_step_s is None and self._train_start is not None:
+            # The run's one synchronisation inside the loop, after its first step.
+            self.first_step_s = synchronized_now(trainer) - self._train_start
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._in_epoch:
@@ -155,6 +165,9 @@ class SpeedMonitor(pl.Callback):
         if not any(r["images"] for r in ranks):
             return  # an epoch end replayed on resume from a checkpoint written before it
         perf = self.epoch_figures(ranks, self._step_times)
+        if self.first_step_s is not None and not self._first_step_logged:
+            perf["perf/first_step_s"] = self.first_step_s  # rank 0's (all ranks start together)
+            self._first_step_logged = True
         record = {
             "epoch": trainer.current_epoch,
             "global_step": trainer.global_step,
