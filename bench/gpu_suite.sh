@@ -34,6 +34,7 @@ if [[ -z ${B16:-} ]]; then
   B16=vit_b16
   [[ ",$MODELS," == *",vit_b16,"* ]] || B16=${MODELS%%,*}
 fi
+# Compiling stages use --cold-cache: their "warm-up s" is what a new machine pays to compile.
 bench() {  # name, then bench/throughput.py's arguments (later ones win: --batch may be overridden)
   local name=$1
   shift
@@ -48,7 +49,7 @@ stage_tests() {
 }
 stage_eager() { bench eager --models "$MODELS" --precisions bf16-mixed,16-mixed --compile off; }
 stage_compiled() {
-  bench compiled --models "$MODELS" --precisions bf16-mixed,16-mixed --compile default
+  bench compiled --models "$MODELS" --precisions bf16-mixed,16-mixed --compile default --cold-cache
 }
 stage_switches() {
   bench switches --models "$B16" --precisions bf16-mixed --fused-adamw off,on --fused-attn on,off
@@ -56,11 +57,11 @@ stage_switches() {
   bench tf32 --models "$B16" --precisions 32-true --matmul highest,high --batch 64
 }
 stage_mfu() {
-  bench mfu --models "$B16" --precisions bf16-mixed --compile off,default \
+  bench mfu --models "$B16" --precisions bf16-mixed --compile off,default --cold-cache \
     --batch "${MFU_BATCH:-512,1024}"
 }
 stage_autotune() {
-  bench autotune --models "$B16" --precisions bf16-mixed --compile max-autotune \
+  bench autotune --models "$B16" --precisions bf16-mixed --compile max-autotune --cold-cache \
     --batch "${AUTOTUNE_BATCH:-512}"
 }
 stage_finder() {

@@ -23,14 +23,12 @@ vitrain.perf.flops and vitrain.perf.peaks; peak memory is torch.cuda.max_memory_
 """
 
 import argparse
-import atexit
 import contextlib
 import gc
 import itertools
 import json
 import logging
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -380,14 +378,10 @@ def main() -> None:
     parser.add_argument(
         "--cold-cache",
         action="store_true",
-        help="each process compiles into an empty inductor cache, as on a new machine",
+        help="each configuration compiles into an empty inductor cache, as on a new machine",
     )
     parser.add_argument("--child-json", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.cold_cache:  # inductor reads TORCHINDUCTOR_CACHE_DIR when it first compiles
-        cache = tempfile.mkdtemp(prefix="vitrain-inductor-")
-        atexit.register(shutil.rmtree, cache, ignore_errors=True)
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
 
     quiet_lightning()
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)  # "Seed set to ..."
@@ -420,7 +414,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="vitrain-throughput-") as tmp:
             for model, batch, *values in configs:
                 switches = dict(zip(sweep, values, strict=True))
-                rows.append(collect(args, model, batch, switches, Path(tmp)))
+                with cold_inductor_cache(Path(tmp)) if args.cold_cache else nullcontext():
+                    rows.append(collect(args, model, batch, switches, Path(tmp)))
                 report_progress(rows[-1], args.steps)
     if args.child_json:  # one of --processes: the parent pools and prints
         args.child_json.write_text(json.dumps(rows))
@@ -438,6 +433,17 @@ def main() -> None:
                 default=str,
             )
         )
+
+
+@contextlib.contextmanager
+def cold_inductor_cache(root: Path):
+    """An empty inductor cache (on disk and in this process) for one configuration's runs: its
+    first run compiles from scratch, as on a new machine, whatever the configurations before it
+    compiled. (Later runs of the configuration reuse what the first one compiled.)"""
+    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+    with temporary_cache_dir(tempfile.mkdtemp(prefix="inductor-", dir=root)):
+        yield
 
 
 def report_progress(row: dict, steps: int) -> None:

@@ -4,9 +4,11 @@ torch.compile, the batch-size finder, and bench/throughput.py (vit_micro, 32 px,
 import collections
 import csv
 import json
+import os
 import subprocess
 import sys
 import traceback
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -443,13 +445,32 @@ def test_throughput_bench_pools_processes_into_one_table_with_the_ratio(tmp_path
         assert f"| {row['ratio']:.3f} |" in line
 
 
-def test_throughput_bench_says_when_compile_pays_for_its_warm_up():
+@pytest.fixture
+def throughput():
+    """bench/throughput.py as a module."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import throughput
+
+        return throughput
     finally:
         sys.path.remove(str(ROOT / "bench"))
 
+
+def test_throughput_bench_cold_cache_is_empty_per_configuration(throughput, tmp_path):
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    seen = []
+    for _ in range(2):
+        with throughput.cold_inductor_cache(tmp_path):
+            cache = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+            assert cache.parent == tmp_path and not any(cache.iterdir())
+            (cache / "compiled").write_text("kernels")  # what a compile would leave
+            seen.append(cache)
+    assert seen[0] != seen[1]  # the second configuration does not see the first's kernels
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before
+
+
+def test_throughput_bench_says_when_compile_pays_for_its_warm_up(throughput):
     def row(compile, warmup_s, step_ms, model="vit_b16"):
         summary = {"warmup_s": warmup_s, "step_ms": step_ms}
         return {"model": model, "batch": 256, "precisions": "bf16-mixed", "compile": compile,
