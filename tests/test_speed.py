@@ -377,6 +377,32 @@ def test_batch_size_finder_trains_with_the_batch_it_found(tmp_path, monkeypatch)
     )
 
 
+def test_batch_size_finder_trials_run_eagerly_and_training_compiles_once(tmp_path, monkeypatch):
+    """With compile on, each trial's batch size would be compiled (and the batch dimension made
+    dynamic); the trials run eagerly, and training compiles for the batch found only."""
+    batches = []  # the image batch size of every graph dynamo hands to the backend
+
+    def recording_backend(graph, example_inputs):
+        tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
+        batches.extend(x.shape[0] for x in tensors if x.shape[1:] == (3, 32, 32))
+        return graph.forward
+
+    original = torch.compile
+    monkeypatch.setattr(
+        torch, "compile", lambda model, **kw: original(model, backend=recording_backend)
+    )
+    run = [*MICRO, "data.train_batches=3", "logger=none", "callbacks=none", "compile=default"]
+    torch._dynamo.reset()
+    run_train(run, tmp_path / "plain")
+    assert set(batches) == {16}  # MICRO's batch: the recording sees what was compiled
+    torch._dynamo.reset()
+    batches.clear()
+    tuned = ["data.batch_size=8", "tune.batch_size=true", "tune.max_trials=3"]
+    run_train([*run, *tuned, "tune.steps_per_trial=1"], tmp_path / "tuned")
+    # 8 -> 16 -> 32 were tried, eagerly; training (and validation) compiled for 32 alone.
+    assert set(batches) == {32}
+
+
 def test_synthetic_loader_allocates_at_its_first_batch_not_when_built(monkeypatch):
     # The finder builds the next loader while the failed trial's OOM still holds its memory
     # (seen on an H200: vit_b16 found 2048, then the loader's own allocation ran out).
