@@ -20,7 +20,7 @@ import vitrain.train
 from vitrain.errors import UserError
 from vitrain.models import ViTClassifier, create_vit
 from vitrain.models.module import compile_mode
-from vitrain.perf import cpu_memory
+from vitrain.perf import SpeedMonitor, cpu_memory
 from vitrain.train import build_callbacks, build_module
 from vitrain.tune import PerDeviceBatchSizeFinder
 
@@ -347,6 +347,19 @@ def test_batch_size_finder_trains_with_the_batch_it_found(tmp_path, monkeypatch)
     monkeypatch.setattr(
         vitrain.train, "build_module", lambda cfg: built.append(original(cfg)) or built[-1]
     )
+    # perf/first_step_s as SpeedMonitor holds it after each step of each fit-loop run.
+    first_steps: list[list] = []
+    start, end = SpeedMonitor.on_train_start, SpeedMonitor.on_train_batch_end
+    monkeypatch.setattr(
+        SpeedMonitor,
+        "on_train_start",
+        lambda self, *a: (start(self, *a), first_steps.append([])),
+    )
+    monkeypatch.setattr(
+        SpeedMonitor,
+        "on_train_batch_end",
+        lambda self, *a: (end(self, *a), first_steps[-1].append(self.first_step_s)),
+    )
     cfg = compose_config(
         [
             *MICRO,
@@ -369,6 +382,10 @@ def test_batch_size_finder_trains_with_the_batch_it_found(tmp_path, monkeypatch)
         report["epochs"][0]["perf/images_per_s"] * report["epochs"][0]["perf/epoch_time_s"]
     )
     assert images_per_epoch == pytest.approx(3 * 32)
+    # Lightning runs the finder's trials without the run's callbacks: the first step that
+    # SpeedMonitor times is training's, not a trial's.
+    assert len(first_steps) == 1 and len(first_steps[0]) == 3
+    assert report["summary"]["first_step_s"] == first_steps[0][0]
     module = built[0]
     assert module.hparams.global_batch_size == 32
     base_lr = cfg.recipe.base_lr
