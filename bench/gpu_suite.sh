@@ -9,18 +9,22 @@
 #     switches  fused AdamW, fused attention, gradient checkpointing, TF32 on B16
 #     mfu       B16 bf16 eager and compiled at MFU_BATCH (default 512,1024): the 40 % MFU goal
 #     autotune  B16 bf16 with compile=max-autotune at AUTOTUNE_BATCH (default 512)
+#     cudagraphs  S16 (default vit_s16) bf16, compile default vs reduce-overhead (CUDA graphs):
+#               the smallest model's step is the one launch overhead shows in
 #     finder    tune.batch_size=true on B16 bf16 (Lightning's BatchSizeFinder, a few steps)
 #     loader    bench/loader.py on this machine's CPUs, normalised on the GPU
 #   MODELS / BATCH / STEPS / REPEATS / LOADER_* / FINDER_ARGS (overrides) shrink or grow it
 #   (MODELS=vit_micro: a dry run on a CPU). tests..switches and loader took 8 min 10 s on an H200;
-#   mfu, autotune, finder and the compiled sync test have not run on a GPU yet. What
-#   docs/performance.md still lacks, in order of need, two calls of under 10 minutes each:
+#   mfu, autotune, cudagraphs, finder and the compiled and reduce-overhead GPU tests have not run
+#   on a GPU yet. What docs/performance.md still lacks, in order of need, in calls of under 10
+#   minutes each:
 #     STAGES=mfu,tests bench/gpu_suite.sh
-#     STAGES=autotune,finder,compiled MODELS=vit_s16,vit_l16 B16=vit_b16 bench/gpu_suite.sh
+#     STAGES=compiled,autotune MODELS=vit_s16,vit_l16 B16=vit_b16 bench/gpu_suite.sh
+#     STAGES=cudagraphs,finder bench/gpu_suite.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-results}
-STAGES=${STAGES:-tests,eager,compiled,switches,mfu,autotune,finder,loader}
+STAGES=${STAGES:-tests,eager,compiled,switches,mfu,autotune,cudagraphs,finder,loader}
 MODELS=${MODELS:-vit_s16,vit_b16,vit_l16}
 BATCH=${BATCH:-256}
 STEPS=${STEPS:-20}
@@ -64,6 +68,10 @@ stage_autotune() {
   bench autotune --models "$B16" --precisions bf16-mixed --compile max-autotune --cold-cache \
     --batch "${AUTOTUNE_BATCH:-512}"
 }
+stage_cudagraphs() {
+  bench cudagraphs --models "${S16:-vit_s16}" --precisions bf16-mixed \
+    --compile default,reduce-overhead --cold-cache
+}
 stage_finder() {
   # Its run directory (checkpoints of a large model) stays out of OUT; the log says what fit.
   echo "== finder: tune.batch_size=true, $B16 bf16-mixed"
@@ -83,7 +91,8 @@ stage_loader() {
 
 for name in ${STAGES//,/ }; do
   if ! declare -F "stage_$name" >/dev/null; then
-    echo "STAGES: no stage '$name' (tests, eager, compiled, switches, mfu, autotune, finder, loader)"
+    echo "STAGES: no stage '$name' (tests, eager, compiled, switches, mfu, autotune, cudagraphs," \
+      "finder, loader)"
     exit 2
   fi
 done

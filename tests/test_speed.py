@@ -194,6 +194,31 @@ def test_training_step_never_synchronises_with_the_gpu(precision, compile, tmp_p
     assert probe.checked == 10 - 2 - 2  # batches 2..9 less the logging ones (3, 7)
 
 
+@pytest.mark.gpu
+@requires_gpu
+def test_cuda_graph_compile_trains_and_validates_under_lightning(tmp_path):
+    """compile=reduce-overhead records CUDA graphs (inductor's cudagraph trees): a fit with the
+    sanity check, validation between epochs and a checkpoint, on the GPU, ends with finite
+    figures. (Lightning validates under no_grad during fit, so pytorch#135892, CUDA graphs
+    compiled under inference_mode and then trained, does not arise.)"""
+    metrics = run_train(
+        [
+            *[o for o in MICRO if not o.startswith("trainer.accelerator")],
+            "trainer.accelerator=cuda",
+            "trainer.devices=1",
+            "trainer.precision=bf16-mixed",
+            "compile=reduce-overhead",
+            "data.train_batches=6",
+            "trainer.max_epochs=2",
+            "logger=csv",
+        ],
+        tmp_path,
+    )
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert 0.0 <= metrics["val/acc1"] <= 1.0
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
 # --- speed switches -------------------------------------------------------------------------
 
 
