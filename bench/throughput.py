@@ -414,7 +414,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="vitrain-throughput-") as tmp:
             for model, batch, *values in configs:
                 switches = dict(zip(sweep, values, strict=True))
-                with cold_inductor_cache(Path(tmp)) if args.cold_cache else nullcontext():
+                with cold_inductor_cache() if args.cold_cache else nullcontext():
                     rows.append(collect(args, model, batch, switches, Path(tmp)))
                 report_progress(rows[-1], args.steps)
     if args.child_json:  # one of --processes: the parent pools and prints
@@ -436,13 +436,14 @@ def main() -> None:
 
 
 @contextlib.contextmanager
-def cold_inductor_cache(root: Path):
-    """An empty inductor cache (on disk and in this process) for one configuration's runs: its
-    first run compiles from scratch, as on a new machine, whatever the configurations before it
-    compiled. (Later runs of the configuration reuse what the first one compiled.)"""
-    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+def cold_inductor_cache():
+    """An empty inductor and Triton cache (on disk and in this process) for one configuration's
+    runs: its first run compiles from scratch, as on a new machine, whatever the configurations
+    before it compiled. (Later runs of the configuration reuse what the first one compiled.)
+    torch's fresh_inductor_cache, the name it has kept since torch 2.1; deleted afterwards."""
+    from torch._inductor.utils import fresh_inductor_cache
 
-    with temporary_cache_dir(tempfile.mkdtemp(prefix="inductor-", dir=root)):
+    with fresh_inductor_cache():
         yield
 
 

@@ -525,17 +525,19 @@ def throughput():
         sys.path.remove(str(ROOT / "bench"))
 
 
-def test_throughput_bench_cold_cache_is_empty_per_configuration(throughput, tmp_path):
-    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+def test_throughput_bench_cold_cache_is_empty_per_configuration(throughput):
+    before = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     seen = []
     for _ in range(2):
-        with throughput.cold_inductor_cache(tmp_path):
+        with throughput.cold_inductor_cache():
             cache = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
-            assert cache.parent == tmp_path and not any(cache.iterdir())
+            assert not any(cache.iterdir())
+            assert Path(os.environ["TRITON_CACHE_DIR"]).parent == cache
             (cache / "compiled").write_text("kernels")  # what a compile would leave
             seen.append(cache)
     assert seen[0] != seen[1]  # the second configuration does not see the first's kernels
-    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before
+    assert not seen[0].exists()  # removed afterwards
+    assert {k: os.environ.get(k) for k in before} == before
 
 
 def test_throughput_bench_says_when_compile_pays_for_its_warm_up(throughput):
