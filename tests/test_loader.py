@@ -273,6 +273,27 @@ def test_unknown_loader_is_a_user_error_naming_the_choices(tmp_path):
     assert ImageFolderDataModule(**kwargs).loader == "fast"
 
 
+@pytest.mark.parametrize("device, pinned", [("cpu", False), ("cuda", True)])
+def test_batches_are_pinned_only_for_a_cuda_device(device, pinned, tmp_path):
+    """data.pin_memory=true pins for a GPU; a CPU run gets pageable batches (and no warning)."""
+    module = ImageFolderDataModule(
+        str(jpeg_folder(tmp_path / "data")), 4, 0, 32, 2, PLAIN, 0.875, MEAN, STD
+    )
+
+    class Strategy:
+        root_device = torch.device(device)
+
+    class Trainer:
+        strategy = Strategy()
+        world_size = 1
+
+    module.trainer = Trainer()
+    module.setup("fit")
+    assert module.pin_memory is True  # the setting, as configured
+    assert module.train_dataloader().pin_memory is pinned
+    assert module.val_dataloader().pin_memory is pinned
+
+
 def test_fast_train_batches_have_the_pil_paths_shape_dtype_and_range(tmp_path):
     """Same folder, same settings: the batches the model sees (after the device hook)."""
     root = jpeg_folder(tmp_path / "data")

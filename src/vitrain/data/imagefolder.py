@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from torch.utils.data import DataLoader
 
 from vitrain.data.batching import auto_num_workers, per_device_batch_size
@@ -127,6 +128,14 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 except FileNotFoundError as err:
                     raise UserError(f"data.root={self.root}: {err}") from None
 
+    @property
+    def pins_memory(self) -> bool:
+        """data.pin_memory where batches go to a CUDA device: page-locked batches make that copy
+        asynchronous; for a CPU run they only cost locked memory (and torch warns)."""
+        device = self.trainer.strategy.root_device if self.trainer is not None else None
+        cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+        return bool(self.pin_memory) and cuda
+
     def _loader(self, split: str) -> DataLoader:
         workers = self.workers
         training = split == "train"
@@ -136,7 +145,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
             shuffle=training,
             drop_last=training,  # timm's Mixup needs equal, even batches
             num_workers=workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self.pins_memory,
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
         )

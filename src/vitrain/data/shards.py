@@ -395,7 +395,7 @@ class ShardsDataModule(ImageFolderDataModule):
             # drop each worker's partial batch, not the rank's.
             drop_last=False,
             num_workers=workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self.pins_memory,
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
         )
