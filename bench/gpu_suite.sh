@@ -21,6 +21,11 @@
 #     STAGES=mfu,tests bench/gpu_suite.sh
 #     STAGES=compiled,autotune MODELS=vit_s16,vit_l16 B16=vit_b16 bench/gpu_suite.sh
 #     STAGES=cudagraphs,finder bench/gpu_suite.sh
+#   On a GPU machine with torch, Lightning and torchmetrics but not the rest, install the other
+#   dependencies that the suite and the test modules import (hydra-core, omegaconf,
+#   antlr4-python3-runtime, timm, simplejpeg, webdataset, braceexpand) from wheels and put src/
+#   on the path, e.g. pip install --no-deps --target /tmp/site wheels/*.whl &&
+#   PYTHONPATH=/tmp/site:$PWD/src bench/gpu_suite.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-results}
