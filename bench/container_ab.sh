@@ -30,7 +30,7 @@ run() {
     # container=<image> asserts the image, so a run in the wrong one fails at once.
     python train.py "container=$image" "data=$data" "${sized[@]}" \
       model=vit_b16 trainer.precision=bf16-mixed data.batch_size=256 trainer.max_epochs=3 \
-      logger=csv callbacks=none "tags=[container_ab]" \
+      logger=csv callbacks=base "tags=[container_ab]" \
       "${extra[@]}" "hydra.run.dir=$dir"
   done
 }

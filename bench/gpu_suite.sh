@@ -5,10 +5,10 @@
 #   STAGES   which stages, run in the order given (default: all, in this order):
 #     tests     pytest -m gpu (no host-device sync: eager and compiled)
 #     eager     the README table's eager rows: MODELS in bf16-mixed and 16-mixed
-#     compiled  its compiled rows (compile=default)
+#     compiled  its compiled rows (runtime.compile=default)
 #     switches  fused AdamW, fused attention, gradient checkpointing, TF32 on B16
 #     mfu       B16 bf16 eager and compiled at MFU_BATCH (default 512,1024): the 40 % MFU goal
-#     autotune  B16 bf16 with compile=max-autotune at AUTOTUNE_BATCH (default 512)
+#     autotune  B16 bf16 with runtime.compile=max-autotune at AUTOTUNE_BATCH (default 512)
 #     cudagraphs  S16 (default vit_s16) bf16, compile default vs reduce-overhead (CUDA graphs):
 #               the smallest model's step is the one launch overhead shows in
 #     finder    tune.batch_size=true on B16 bf16 (Lightning's BatchSizeFinder, a few steps)
@@ -84,7 +84,7 @@ stage_finder() {
   dir=$(mktemp -d)
   timeout "$BENCH_TIMEOUT" "$PYTHON" train.py "model=$B16" data=synthetic data.train_batches=4 \
     data.val_batches=1 trainer.max_epochs=1 trainer.precision=bf16-mixed tune.batch_size=true \
-    compile=false logger=csv callbacks=none "hydra.run.dir=$dir" ${FINDER_ARGS:-} 2>&1 |
+    runtime.compile=false logger=csv callbacks=base "hydra.run.dir=$dir" ${FINDER_ARGS:-} 2>&1 |
     grep -E "tune.batch_size|Error" | tail -5
   rm -rf "$dir"
 }

@@ -6,25 +6,28 @@ random colour field, random ellipses and rectangles, a slight blur, then grain a
 times the training DataLoader of each pipeline with the same workers, batch and DataLoader settings:
 
   baseline      torchvision ImageFolder + PIL + RandomResizedCrop(224) + flip + ToTensor + Normalize
-  pil           vitrain's data.loader=pil: timm's create_transform on PIL (bicubic), no RandAugment
-  pil+randaug   vitrain's data.loader=pil, the data=imagenet recipe (RandAugment, random erasing)
-  fast          vitrain's data.loader=fast (decode.py), RandomResizedCrop + flip, no RandAugment
-  fast+randaug  vitrain's data.loader=fast with the data=imagenet recipe (the default)
+  pil           data=imagenet data.loader=pil: timm's create_transform on PIL, no RandAugment
+  pil+randaug   data=imagenet data.loader=pil with data=imagenet's recipe (RandAugment, erasing)
+  fast          data=imagenet (data.loader=fast), RandomResizedCrop + flip, no RandAugment
+  fast+randaug  data=imagenet as it trains by default (RandAugment, random erasing)
   shards        data=imagenet_shards: the same files in webdataset tar shards, data.loader=fast
   dali          data=imagenet_dali (when nvidia-dali is installed): DALI's GPU decoder where there
                 is a GPU, its CPU backend otherwise, with --workers threads
   dali+randaug  the same with DALI's RandAugment and random erasing
 
-The time of a batch counts until it is on the device and normalised: for `fast` that includes
-DeviceNormalize (and random erasing), on the GPU where there is one, else in this process. Each
-measurement starts fresh workers, skips --warmup batches, then times --batches batches; pipelines
-run in alternating order (a b c ... c b a) for --repeats rounds and the table gives the medians.
+Every vitrain row is the training loader `python train.py data=... <overrides>` builds: the config
+is composed from conf/ with the row's overrides (PIPELINES), the datamodule is vitrain.train's
+build_datamodule, and each batch goes through the datamodule's own device step (prepare_batch:
+normalisation of uint8 batches and random erasing, on the GPU where there is one, else here).
+The time of a batch counts until it is on the device and prepared. Each measurement starts fresh
+workers, skips --warmup batches, then times --batches batches; pipelines run in alternating order
+(a b c ... c b a) for --repeats rounds and the table gives the medians.
 
     python bench/loader.py                        # 2,000 images, 100 classes, 1 and 2 workers
     python bench/loader.py --workers 8 --batch 256 --images 20000 --classes 1000
     python bench/loader.py --root /data/imagenet  # an existing ImageFolder (uses ROOT/train)
 
-PIPELINES maps a name to a function (root, args) -> (DataLoader, finish): a new row is one entry.
+PIPELINES maps a name to the Hydra overrides of its row: a new row is one entry.
 """
 
 import argparse
@@ -33,37 +36,39 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torchvision
 import torchvision.transforms as T
+from lightning.pytorch.utilities import move_data_to_device
 from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine_header  # noqa: E402
+from common import compose_config, machine_header  # noqa: E402
 
-from vitrain.data.decode import DeviceNormalize, DeviceRandomErasing, sample_transform  # noqa: E402
-from vitrain.data.images import RobustImageFolder  # noqa: E402
-from vitrain.data.shard import DEFAULT_SHARD_SIZE, write_split  # noqa: E402
-from vitrain.data.shards import ShardDataset, read_index  # noqa: E402
-from vitrain.data.transforms import train_transform  # noqa: E402
+from vitrain.data.write_shards import convert  # noqa: E402
+from vitrain.runtime import training_device  # noqa: E402
+from vitrain.train import build_datamodule  # noqa: E402
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# conf/data/imagenet.yaml's augment; the plain rows drop RandAugment and random erasing.
-RECIPE = {
-    "scale": (0.08, 1.0),
-    "ratio": (0.75, 4 / 3),
-    "hflip": 0.5,
-    "auto_augment": "rand-m9-mstd0.5-inc1",
-    "re_prob": 0.25,
-    "interpolation": "bicubic",
-}
-PLAIN = {**RECIPE, "auto_augment": None, "re_prob": 0.0}
 WIDTH, HEIGHT, QUALITY = 500, 375, 90
+# Every vitrain row starts from data=imagenet's recipe; the plain rows drop RandAugment and erasing.
+PLAIN = ["data.augment.auto_augment=null", "data.augment.re_prob=0"]
+PIPELINES: dict[str, list[str]] = {
+    "pil": ["data=imagenet", "data.loader=pil", *PLAIN],
+    "pil+randaug": ["data=imagenet", "data.loader=pil"],
+    "fast": ["data=imagenet", *PLAIN],
+    "fast+randaug": ["data=imagenet"],
+    "shards": ["data=imagenet_shards", *PLAIN],
+}
+if importlib.util.find_spec("nvidia") and importlib.util.find_spec("nvidia.dali"):
+    PIPELINES |= {"dali": ["data=imagenet_dali", *PLAIN], "dali+randaug": ["data=imagenet_dali"]}
+else:
+    DALI_MISSING = "dali rows: not measured, nvidia-dali is not installed (pip install -e .[dali])"
+ROWS = ["baseline", *PIPELINES]
 
 
 # --- the images ----------------------------------------------------------------------------
@@ -86,13 +91,15 @@ def photo_like(rng: np.random.Generator) -> Image.Image:
 
 
 def make_folder(root: Path, images: int, classes: int, seed: int = 0) -> Path:
-    """root/train/<class>/*.JPEG, written once: a marker names what is there."""
-    marker = root / f".complete-{images}x{classes}-{WIDTH}x{HEIGHT}-q{QUALITY}"
+    """root/train/<class>/*.JPEG (and one val image per class, which a datamodule's layout check
+    wants), written once: a marker names what is there."""
+    marker = root / f".complete-{images}x{classes}-{WIDTH}x{HEIGHT}-q{QUALITY}-with-val"
     if marker.exists():
         return root
     rng = np.random.default_rng(seed)
-    for i in range(images):
-        folder = root / "train" / f"n{i % classes:08d}"
+    for i in range(images + classes):
+        split = "train" if i < images else "val"
+        folder = root / split / f"n{i % classes:08d}"
         folder.mkdir(parents=True, exist_ok=True)
         photo_like(rng).save(folder / f"{i:07d}.JPEG", quality=QUALITY)
     marker.touch()
@@ -112,119 +119,71 @@ def folder_summary(train_dir: Path) -> str:
 
 
 # --- the pipelines -------------------------------------------------------------------------
-Finish = Callable[[torch.Tensor, torch.device], torch.Tensor]
+Prepare = Callable[[object, torch.device], torch.Tensor]  # a loader's batch -> images on device
 
 
-def _to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return images.to(device, non_blocking=True)
-
-
-def _loader(dataset, args) -> DataLoader:
-    """The same DataLoader settings as vitrain's ImageFolderDataModule, for every pipeline."""
-    return DataLoader(
-        dataset,
+def baseline(root: Path, args) -> tuple[Iterable, Prepare]:
+    """The issue's reference: torchvision's ImageFolder and transforms, DataLoader settings as
+    vitrain's (the same workers, batch, pinning and prefetch)."""
+    transform = T.Compose(
+        [T.RandomResizedCrop(args.image_size), T.RandomHorizontalFlip(), T.ToTensor(),
+         T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+    )  # fmt: skip
+    workers = args.current_workers
+    loader = DataLoader(
+        torchvision.datasets.ImageFolder(root / "train", transform),
         batch_size=args.batch,
         shuffle=True,
         drop_last=True,
-        num_workers=args.current_workers,
+        num_workers=workers,
         pin_memory=torch.cuda.is_available(),
-        prefetch_factor=4 if args.current_workers > 0 else None,
+        prefetch_factor=4 if workers > 0 else None,
     )
+    return loader, lambda batch, device: batch[0].to(device, non_blocking=True)
 
 
-def baseline(root: Path, args) -> tuple[DataLoader, Finish]:
-    transform = T.Compose(
+def class_count(root: Path) -> int:
+    return sum(1 for p in (root / "train").iterdir() if p.is_dir())
+
+
+def shard_root(root: Path) -> Path:
+    """The same files as tar shards (made once, ROOT/shards)."""
+    shards = root / "shards"
+    if not (shards / "val" / "index.json").is_file():
+        convert(root, shards)
+    return shards
+
+
+def vitrain_pipeline(name: str, root: Path, args, out: Path) -> tuple[Iterable, Prepare]:
+    """The training loader of `python train.py <the row's overrides>`, and its device step."""
+    overrides = PIPELINES[name]
+    data_root = shard_root(root) if "data=imagenet_shards" in overrides else root
+    cfg = compose_config(
         [
-            T.RandomResizedCrop(args.image_size),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(MEAN, STD),
-        ]
+            *overrides,
+            f"data.root={data_root}",
+            f"data.num_classes={class_count(root)}",
+            f"data.image_size={args.image_size}",
+            f"data.batch_size={args.batch}",  # one device: the global batch is the device's
+            f"data.num_workers={args.current_workers}",
+            *(["data.threads=" + str(max(args.current_workers, 1))] if "dali" in name else []),
+        ],
+        out,
     )
-    return _loader(torchvision.datasets.ImageFolder(root / "train", transform), args), _to_device
+    datamodule = build_datamodule(cfg)
+    datamodule.setup("fit")
+
+    def prepare(batch, device: torch.device) -> torch.Tensor:
+        on_device = move_data_to_device(batch, device)
+        return datamodule.prepare_batch(on_device, training=True).images
+
+    return datamodule.train_dataloader(), prepare
 
 
-def vitrain_pil(augment: dict):
-    def build(root: Path, args) -> tuple[DataLoader, Finish]:
-        transform = train_transform(args.image_size, augment, MEAN, STD)
-        return _loader(RobustImageFolder(root / "train", transform), args), _to_device
-
-    return build
-
-
-def vitrain_fast_finish(augment: dict) -> Finish:
-    """uint8 batch -> the device, normalised (and erased) there: DeviceNormalize."""
-    normalize = DeviceNormalize(MEAN, STD, augment["re_prob"])
-
-    def finish(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-        return normalize(images.to(device, non_blocking=True), training=True)
-
-    return finish
-
-
-def vitrain_fast(augment: dict):
-    def build(root: Path, args) -> tuple[DataLoader, Finish]:
-        decode = sample_transform("train", args.image_size, augment, 0.875, "bicubic", mean=MEAN)
-        dataset = RobustImageFolder(root / "train", None, loader=decode)
-        return _loader(dataset, args), vitrain_fast_finish(augment)
-
-    return build
-
-
-def vitrain_shards(augment: dict):
-    """data=imagenet_shards: the same files as webdataset tar shards (made once, ROOT/shards)."""
-
-    def build(root: Path, args) -> tuple[DataLoader, Finish]:
-        shards = root / "shards" / "train"
-        if not (shards / "index.json").is_file():
-            write_split(root / "train", shards, "train", DEFAULT_SHARD_SIZE, seed=0)
-        decode = sample_transform("train", args.image_size, augment, 0.875, "bicubic", mean=MEAN)
-        dataset = ShardDataset(str(shards), read_index(str(shards)), decode, shuffle=True)
-        dataset.configure(rank=0, world_size=1, batch_size=args.batch, drop_last=True)
-        loader = DataLoader(
-            dataset,
-            batch_size=args.batch,
-            num_workers=args.current_workers,
-            pin_memory=torch.cuda.is_available(),
-            prefetch_factor=4 if args.current_workers > 0 else None,
-        )
-        return loader, vitrain_fast_finish(augment)
-
-    return build
-
-
-def vitrain_dali(augment: dict):
-    """data=imagenet_dali: DALI decodes (nvJPEG on a GPU, its CPU backend here) with as many
-    threads as the other pipelines have workers; normalised in DALI, erased on the device."""
-
-    def build(root: Path, args) -> tuple[DataLoader, Finish]:
-        from vitrain.data.dali import dali_train_loader
-
-        loader = dali_train_loader(
-            root, args.batch, max(args.current_workers, 1), args.image_size, augment, MEAN, STD
-        )
-        erase = DeviceRandomErasing(augment["re_prob"])
-
-        def finish(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-            return erase(images.to(device, non_blocking=True))  # .to: DALI put them there
-
-        return loader, finish
-
-    return build
-
-
-PIPELINES: dict[str, Callable[[Path, argparse.Namespace], tuple[DataLoader, Finish]]] = {
-    "baseline": baseline,
-    "pil": vitrain_pil(PLAIN),
-    "pil+randaug": vitrain_pil(RECIPE),
-    "fast": vitrain_fast(PLAIN),
-    "fast+randaug": vitrain_fast(RECIPE),
-    "shards": vitrain_shards(PLAIN),
-}
-if importlib.util.find_spec("nvidia") and importlib.util.find_spec("nvidia.dali"):
-    PIPELINES |= {"dali": vitrain_dali(PLAIN), "dali+randaug": vitrain_dali(RECIPE)}
-else:
-    DALI_MISSING = "dali rows: not measured, nvidia-dali is not installed (pip install -e .[dali])"
+def build(name: str, root: Path, args) -> tuple[Iterable, Prepare]:
+    if name == "baseline":
+        return baseline(root, args)
+    return vitrain_pipeline(name, root, args, Path(tempfile.mkdtemp(prefix="vitrain-loader-")))
 
 
 # --- timing --------------------------------------------------------------------------------
@@ -241,13 +200,13 @@ def batches_forever(loader: DataLoader):
 
 def images_per_s(name: str, root: Path, args, device: torch.device) -> float:
     """Fresh workers, --warmup batches skipped, then --batches timed to the device."""
-    loader, finish = PIPELINES[name](root, args)
+    loader, prepare = build(name, root, args)
     batches = batches_forever(loader)
     for _ in range(args.warmup):
-        finish(next(batches)[0], device)
+        prepare(next(batches), device)
     start = sync(device)
     for _ in range(args.batches):
-        images = finish(next(batches)[0], device)
+        images = prepare(next(batches), device)
     elapsed = sync(device) - start
     if images.dtype != torch.float32 or images.shape[-1] != args.image_size:
         raise RuntimeError(f"{name} gave {images.dtype} {tuple(images.shape)}")
@@ -313,13 +272,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="batches skipped per measurement")
     parser.add_argument("--batches", type=int, default=20, help="batches timed per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds (median)")
-    parser.add_argument("--pipelines", default=",".join(PIPELINES))
+    parser.add_argument("--pipelines", default=",".join(ROWS))
     args = parser.parse_args(argv)
     args.workers = [int(w) for w in args.workers.split(",")]
     args.pipelines = args.pipelines.split(",")
-    unknown = [p for p in args.pipelines if p not in PIPELINES]
+    unknown = [p for p in args.pipelines if p not in ROWS]
     if unknown:
-        parser.error(f"unknown pipeline(s) {unknown}: choose from {', '.join(PIPELINES)}")
+        parser.error(f"unknown pipeline(s) {unknown}: choose from {', '.join(ROWS)}")
     return args
 
 
@@ -333,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (root / "train").is_dir() or any(root.glob(".complete-*")):
         print(f"making (or reusing) {args.images} JPEG files in {root} ...", file=sys.stderr)
         make_folder(root, args.images, args.classes)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = training_device(None)
     print(machine_header())
     print(folder_summary(root / "train"))
     print(

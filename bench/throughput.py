@@ -3,7 +3,7 @@
 For each combination of the swept settings, on one device and random on-device batches:
 
 (a) vitrain: `vitrain.train.train` on the config `python train.py` composes from the same
-    overrides (data=synthetic, logger=csv, callbacks=none, no validation), timed by
+    overrides (data=synthetic, logger=csv, callbacks=base, no validation), timed by
     vitrain.perf.window.StepWindow from the start of batch `warmup` to the start of batch
     `warmup + steps`: whole iterations of Lightning's loop, device synchronised at both ends;
 (b) raw: a plain loop with the same model (create_vit from the same config), the same timm
@@ -38,33 +38,32 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf, open_dict
-from timm.data import Mixup
-from timm.loss import SoftTargetCrossEntropy
+from omegaconf import OmegaConf
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import compose_config, machine_header, quiet_lightning  # noqa: E402
 
 from vitrain.errors import UserError  # noqa: E402
 from vitrain.models import create_vit  # noqa: E402
-from vitrain.models.module import compile_mode  # noqa: E402
+from vitrain.models.recipe import training_loss  # noqa: E402
 from vitrain.perf.cpu_memory import keep_freed_memory  # noqa: E402
 from vitrain.perf.flops import training_flops_per_image  # noqa: E402
 from vitrain.perf.peaks import compute_dtype, peak_flops  # noqa: E402
+from vitrain.perf.window import StepWindow  # noqa: E402
+from vitrain.runtime import accelerator_is_cuda, compile_mode  # noqa: E402
 from vitrain.train import train  # noqa: E402
 
 ON_OFF = {"on": "true", "off": "false", "auto": "null"}
 # Swept settings: command-line flag -> (config key, how a value is written, default).
 SWITCHES = {
     "precisions": ("trainer.precision", str, "32-true"),
-    "compile": ("compile", lambda v: "false" if v == "off" else v, "off"),
+    "compile": ("runtime.compile", lambda v: "false" if v == "off" else v, "off"),
     "fused_adamw": ("recipe.fused", ON_OFF.__getitem__, "auto"),
     "fused_attn": ("model.fused_attn", ON_OFF.__getitem__, "on"),
     "grad_ckpt": ("model.grad_checkpointing", ON_OFF.__getitem__, "off"),
-    "matmul": ("container.float32_matmul_precision", str, "high"),
+    "matmul": ("runtime.float32_matmul_precision", str, "high"),
 }
 RAW_PRECISIONS = {
     "32-true": None,
@@ -97,20 +96,10 @@ def peak_gib(device: torch.device) -> float | None:
 def run_vitrain(cfg, warmup: int, steps: int, out: Path, device: torch.device) -> dict:
     """(a): the whole of vitrain.train.train, timed over batches [warmup, warmup + steps)."""
     window = out / "window.json"
-    with open_dict(cfg):
-        cfg.callbacks = {
-            **(cfg.callbacks or {}),
-            "step_window": {
-                "_target_": "vitrain.perf.window.StepWindow",
-                "start": warmup,
-                "end": warmup + steps,
-                "path": str(window),
-            },
-        }
-    fresh_device(device, compiled=bool(compile_mode(cfg.compile, cfg.trainer.accelerator)))
+    fresh_device(device, compiled=bool(compile_mode(cfg.runtime.compile, cfg.trainer.accelerator)))
     with open(out / "train.log", "w") as log:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            train(cfg)
+            train(cfg, callbacks=[StepWindow(warmup, warmup + steps, str(window))])
     timed = json.loads(window.read_text())
     return {
         "seconds": timed["seconds"],
@@ -127,9 +116,9 @@ def run_raw(cfg, warmup: int, steps: int, device: torch.device) -> dict:
         raise UserError(f"the raw loop runs 32-true, 16-mixed and bf16-mixed, not {precision}")
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     recipe = OmegaConf.to_container(cfg.recipe, resolve=True)
-    mode = compile_mode(cfg.compile, cfg.trainer.accelerator)
+    mode = compile_mode(cfg.runtime.compile, cfg.trainer.accelerator)
     fresh_device(device, compiled=bool(mode))
-    if cfg.get("cpu_keep_freed_memory") and device.type == "cpu":
+    if cfg.runtime.cpu_keep_freed_memory and device.type == "cpu":
         keep_freed_memory()  # what (a) does on a CPU: the same allocator for both loops
     torch.manual_seed(cfg.seed)
     model = create_vit(**model_cfg).to(device).train()
@@ -149,24 +138,7 @@ def run_raw(cfg, warmup: int, steps: int, device: torch.device) -> dict:
     scheduler = CosineLRScheduler(
         optimizer, t_initial=warmup + steps, lr_min=recipe["min_lr"], t_in_epochs=False
     )
-    mixing = recipe["mixup_alpha"] > 0 or recipe["cutmix_alpha"] > 0
-    mixup = (
-        Mixup(
-            mixup_alpha=recipe["mixup_alpha"],
-            cutmix_alpha=recipe["cutmix_alpha"],
-            prob=recipe["mixup_prob"],
-            switch_prob=recipe["mixup_switch_prob"],
-            label_smoothing=recipe["label_smoothing"],
-            num_classes=model_cfg["num_classes"],
-        )
-        if mixing
-        else None
-    )
-    criterion = (
-        SoftTargetCrossEntropy()
-        if mixing
-        else nn.CrossEntropyLoss(label_smoothing=recipe["label_smoothing"])
-    )
+    mixup, criterion = training_loss(recipe, model_cfg["num_classes"])
     dtype = RAW_PRECISIONS[precision]
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     images = torch.randn(batch, 3, size, size, device=device)
@@ -213,7 +185,7 @@ def overrides_for(args, model: str, batch: int, switches: dict) -> list[str]:
         "trainer.devices=1",
         f"trainer.accelerator={args.accelerator}",
         f"logger={args.logger}",
-        "callbacks=none",
+        "callbacks=base",
         "resume=never",
     ]
     for flag, value in switches.items():
@@ -223,8 +195,7 @@ def overrides_for(args, model: str, batch: int, switches: dict) -> list[str]:
 
 
 def device_for(accelerator: str) -> torch.device:
-    cuda = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
-    return torch.device("cuda" if cuda else "cpu")
+    return torch.device("cuda" if accelerator_is_cuda(accelerator) else "cpu")
 
 
 def collect(args, model: str, batch: int, switches: dict, root: Path) -> dict:

@@ -28,11 +28,12 @@ def compose_config(overrides: list[str], output_dir: Path | None = None) -> Dict
     return vitrain_config.compose_config(ROOT / "conf", overrides, output_dir)
 
 
-def run_train(overrides: list[str], output_dir: Path) -> dict:
-    """vitrain.train.train in this process (no DDP launch here: that needs train.py)."""
+def run_train(overrides: list[str], output_dir: Path, callbacks=()) -> dict:
+    """vitrain.train.train in this process (no DDP launch here: that needs train.py), with
+    `callbacks` (probes) before the configured ones."""
     from vitrain.train import train
 
-    return train(compose_config(overrides, output_dir))
+    return train(compose_config(overrides, output_dir), callbacks=callbacks)
 
 
 def run_cli(args: list[str], tmp_path: Path, timeout: int = 600, env: dict | None = None):
@@ -75,7 +76,7 @@ def real_runs(tmp_path_factory) -> Path:
                 "trainer.max_epochs=2",
                 "trainer.accelerator=cpu",
                 "logger=none",
-                "callbacks=none",
+                "callbacks=base",
                 "trainer.enable_progress_bar=false",
             ],
             root / f"batch{batch}",

@@ -84,7 +84,7 @@ def test_speed_experiment_sweep_compares_settings_without_data(tmp_path):
     assert [r["config"]["precision"] for r in reports] == ["32-true", "bf16-mixed"]
     for r in reports:
         assert r["config"]["data"] == "synthetic" and r["config"]["tags"] == ["speed"]
-        assert r["summary"]["epochs_run"] == 3 and r["summary"]["best_val_acc1"] is None
+        assert r["summary"]["epochs_run"] == 3 and r["summary"].get("best_val_acc1") is None
         assert r["summary"]["first_step_s"] > 0 and r["summary"]["images_per_s"] > 0
         assert not any("val/acc1" in e for e in r["epochs"])  # no validation
     assert not list(sweep.rglob("*.ckpt"))

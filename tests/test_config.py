@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import ROOT, compose_config
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from vitrain.loggers import build_loggers
 from vitrain.models import create_vit
@@ -18,7 +19,8 @@ def options(group: str) -> list[str]:
 
 
 def test_groups_offer_the_documented_options():
-    assert options("model") == ["vit_b16", "vit_b32", "vit_l16", "vit_micro", "vit_s16", "vit_ti16"]
+    presets = ["vit_b16", "vit_b32", "vit_l16", "vit_micro", "vit_s16", "vit_ti16"]
+    assert options("model") == ["vit", *presets]
     assert {"imagenet", "synthetic", "digits"} <= set(options("data"))
     assert {"auto", "ddp"} <= set(options("strategy"))
     assert {"wandb", "csv", "tensorboard", "none"} <= set(options("logger"))
@@ -27,7 +29,8 @@ def test_groups_offer_the_documented_options():
 
 @pytest.mark.parametrize("model", options("model"))
 def test_model_option_builds_a_vit_sized_by_the_data(model):
-    cfg = compose_config([f"model={model}", "data.image_size=64", "data.num_classes=7"])
+    named = ["model.name=vit_small_patch16_224"] if model == "vit" else []  # any timm ViT
+    cfg = compose_config([f"model={model}", *named, "data.image_size=64", "data.num_classes=7"])
     vit = create_vit(**cfg.model)
     assert vit.num_classes == 7
     assert vit.patch_embed.img_size == (64, 64)
@@ -83,14 +86,50 @@ def test_logger_option_instantiates(logger, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("callbacks", options("callbacks"))
-def test_callbacks_option_instantiates(callbacks, tmp_path):
-    cfg = compose_config([f"callbacks={callbacks}"], tmp_path)
+def test_every_callback_config_instantiates(callbacks, tmp_path):
+    """Each file of conf/callbacks builds its callbacks, with `enabled` forced on."""
+    cfg = compose_config([f"callbacks={callbacks}", "tune.batch_size=true"], tmp_path)
+    assert cfg.callbacks
+    for name, node in cfg.callbacks.items():
+        settings = OmegaConf.to_container(node, resolve=True)
+        settings.pop("enabled", None)
+        assert isinstance(instantiate(settings), pl.Callback), name
+
+
+def test_every_run_has_the_base_callbacks_and_default_adds_checkpoints(tmp_path):
+    def built(option: str) -> set[str]:
+        return {type(c).__name__ for c in build_callbacks(compose_config([option], tmp_path))}
+
+    base, default = built("callbacks=base"), built("callbacks=default")
+    assert {"SpeedMonitor", "BadSampleMonitor", "NonFiniteLossGuard"} <= base  # always measured
+    assert base < default and "ModelCheckpoint" not in base
+    assert default - base == {"ModelCheckpoint", "PreemptionCheckpoint", "LearningRateMonitor"}
+    # What is switched off by its own setting is not built, and says so in the config.
+    cfg = compose_config(["recipe.ema=true", "tune.batch_size=true"], tmp_path)
     names = {type(c).__name__ for c in build_callbacks(cfg)}
-    assert "SpeedMonitor" in names  # every run is measured
-    assert ("ModelCheckpoint" in names) == (callbacks == "default")
+    assert {"EMAWeightAveraging", "PerDeviceBatchSizeFinder"} <= names - default
+    assert compose_config([]).callbacks.ema.enabled is False
 
 
-@pytest.mark.parametrize("group", ["experiment", "debug", "recipe", "container", "paths", "hydra"])
+def test_extra_callbacks_reach_the_trainer_through_train(tmp_path):
+    """train(cfg, callbacks=[...]): the seam for probes, first in the trainer's list."""
+    from conftest import run_train
+
+    class Probe(pl.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            self.names = [type(c).__name__ for c in trainer.callbacks]
+
+    probe = Probe()
+    run_train(
+        ["experiment=quickstart", "trainer.fast_dev_run=true", "logger=none"], tmp_path, [probe]
+    )
+    assert probe.names[0] == "Probe" and "SpeedMonitor" in probe.names
+
+
+@pytest.mark.parametrize(
+    "group",
+    ["experiment", "debug", "recipe", "container", "runtime", "perf", "faults", "tune", "paths"],
+)
 def test_every_other_option_composes(group, tmp_path):
     for option in options(group):
         cfg = compose_config([f"{group}={option}"], tmp_path)

@@ -10,10 +10,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import compose_config, run_cli, run_train
+from hydra.errors import ConfigCompositionException
 from PIL import Image
 
 from vitrain.data import DaliDataModule, ImageFolderDataModule
-from vitrain.data.dali import dali_train_loader, rand_augment_kwargs
+from vitrain.data.dali import rand_augment_kwargs
 from vitrain.errors import UserError
 from vitrain.train import build_datamodule
 
@@ -150,14 +151,16 @@ def test_batches_have_the_imagefolder_loaders_shape_dtype_range_and_labels(tmp_p
     for split in ("train", "val"):
         ours = list(getattr(dali, f"{split}_dataloader")())
         theirs = list(getattr(reference, f"{split}_dataloader")())
-        assert [len(b[1]) for b in ours] == [len(b[1]) for b in theirs]  # 12 / 4; 9 / 4 -> 4 4 1
+        assert [len(b.targets) for b in ours] == [
+            len(b.targets) for b in theirs
+        ]  # 12 / 4; 9 / 4 -> 4 4 1
         for (images, targets, bad_files), (ref_images, ref_targets, _) in zip(
             ours, theirs, strict=True
         ):
             assert images.shape == ref_images.shape == (len(targets), 3, IMAGE_SIZE, IMAGE_SIZE)
             assert images.dtype == ref_images.dtype == torch.float32
             assert targets.dtype == ref_targets.dtype == torch.int64
-            assert bad_files == [""] * len(targets)
+            assert bad_files == ()  # DALI cannot skip a file: it never replaces one
             assert lowest - 1e-4 <= images.min() and images.max() <= highest + 1e-4
             assert 0 <= targets.min() and targets.max() < len(CLASSES)
             if split == "val":  # the same files in the same order, the same centre crops
@@ -176,8 +179,8 @@ def test_two_val_shards_see_every_file_once_in_the_same_number_of_batches(tmp_pa
         loader = dali.val_dataloader()
         rank_batches = list(loader)
         assert len(rank_batches) == len(loader)
-        batches.append([len(b[1]) for b in rank_batches])
-        seen += [name for b in rank_batches for name in identify(b[0], val)]
+        batches.append([len(b.targets) for b in rank_batches])
+        seen += [name for b in rank_batches for name in identify(b.images, val)]
         # the labels travel with their files
         for images, targets, _ in rank_batches:
             names = identify(images, val)
@@ -195,8 +198,8 @@ def test_an_odd_val_set_pads_like_distributed_sampler_and_never_gives_an_empty_b
         dali = datamodule(tmp_path, batch_size=8)  # 4 per rank: shards of 5 -> batches 4 and 1
         dali.trainer = rank_trainer(rank, world=2)
         rank_batches = list(dali.val_dataloader())
-        batches.append([len(b[1]) for b in rank_batches])
-        seen += [name for b in rank_batches for name in identify(b[0], val)]
+        batches.append([len(b.targets) for b in rank_batches])
+        seen += [name for b in rank_batches for name in identify(b.images, val)]
     assert batches == [[4, 1], [4, 1]]
     assert set(seen) == set(val) and len(seen) == 10  # one file twice (fewer than the world size)
 
@@ -218,8 +221,8 @@ def test_train_shards_give_floor_n_over_world_over_batch_distinct_files_reshuffl
             trainer.current_epoch = epoch
             rank_batches = list(loader)
             assert len(loader) == len(rank_batches) == 21 // 2 // 2
-            assert all(len(b[1]) == 2 for b in rank_batches)
-            per_rank.append([name for b in rank_batches for name in identify(b[0], train)])
+            assert all(len(b.targets) == 2 for b in rank_batches)
+            per_rank.append([name for b in rank_batches for name in identify(b.images, train)])
         epochs.append(per_rank)
         both = per_rank[0] + per_rank[1]
         assert len(set(both)) == len(both) == 20  # the ranks' shards never overlap
@@ -266,16 +269,18 @@ def test_random_crops_have_torchvisions_area_and_aspect_ratio_statistics(tmp_pat
 
 
 @needs_dali
-def test_dali_train_loader_for_the_benchmark(tmp_path):
+def test_the_datamodule_alone_gives_the_benchmark_its_loader(tmp_path):
+    """bench/loader.py builds the datamodule without a Trainer: one rank, this machine's device."""
     write_jpeg_folder(tmp_path, train_per_class=5, val_per_class=1)
-    loader = dali_train_loader(tmp_path, batch_size=4, threads=2, image_size=24, augment=PLAIN,
-                               device="cpu")  # fmt: skip
+    dali = datamodule(tmp_path, batch_size=4, threads=2)
+    dali.check()
+    loader = dali.train_dataloader()
     batches = list(loader)
     assert len(batches) == len(loader) == 15 // 4
-    images, targets, bad_files = batches[0]
-    assert images.shape == (4, 3, 24, 24) and images.dtype == torch.float32
-    assert images.device.type == "cpu" and targets.dtype == torch.int64
-    assert bad_files == [""] * 4
+    batch = batches[0]
+    assert batch.images.shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert batch.images.dtype == torch.float32 and batch.images.device.type == "cpu"
+    assert batch.targets.dtype == torch.int64 and batch.bad_files == ()
 
 
 @needs_dali
@@ -283,14 +288,14 @@ def test_random_erasing_applies_to_training_batches_on_the_device(tmp_path):
     write_jpeg_folder(tmp_path, train_per_class=4, val_per_class=1)
     dali = datamodule(tmp_path, batch_size=4, augment={**PLAIN, "re_prob": 1.0})
     dali.trainer = rank_trainer(0, world=1, training=True)
-    images, targets, bad_files = next(iter(dali.train_dataloader()))
-    clean = images.clone()
-    erased, _, _ = dali.on_after_batch_transfer((images, targets, bad_files), 0)
+    batch = next(iter(dali.train_dataloader()))
+    clean = batch.images.clone()
+    erased = dali.on_after_batch_transfer(batch, 0).images
     # timm's defaults: one patch of 2% to 1/3 of each image, its pixels replaced by random values
     erased_fraction = (erased != clean).float().mean(dim=(1, 2, 3))
     assert ((0.01 < erased_fraction) & (erased_fraction < 0.4)).all()
     dali.trainer = rank_trainer(0, world=1, training=False)
-    assert dali.on_after_batch_transfer((clean, targets, bad_files), 0)[0] is clean
+    assert dali.on_after_batch_transfer(batch._replace(images=clean), 0).images is clean
 
 
 @needs_dali
@@ -318,7 +323,7 @@ def test_a_short_fit_with_data_imagenet_dali_on_cpu(tmp_path):
             "trainer.accelerator=cpu",
             "trainer.enable_progress_bar=false",
             "logger=none",
-            "callbacks=none",
+            "callbacks=base",
         ],
         tmp_path / "run",
     )
@@ -346,7 +351,7 @@ def test_ddp_on_two_cpu_processes_shards_odd_folders_without_hanging(tmp_path):
             "trainer.max_epochs=2",
             "trainer.enable_progress_bar=false",
             "logger=csv",
-            "callbacks=none",
+            "callbacks=base",
             "hydra.run.dir=" + str(tmp_path / "run"),
         ],
         tmp_path,
@@ -380,16 +385,14 @@ def test_rand_augment_follows_timms_string():
 def test_settings_dali_cannot_honour_are_refused(tmp_path):
     write_jpeg_folder(tmp_path, train_per_class=1, val_per_class=1)
     refused = {
-        r"data.on_bad_sample=skip .*data.on_bad_sample=error": {"on_bad_sample": "skip"},
-        r"data.loader=fast .*data=imagenet data.loader=fast": {"loader": "fast"},
         r"data.device=tpu is not one of auto, gpu, cpu": {"device": "tpu"},
         r"auto_augment=original: .*data.augment.auto_augment=null": {
             "augment": {**PLAIN, "auto_augment": "original"}
         },
-        r"data.num_classes=1000 but .*train has 3 class folders: set data.num_classes=3": {
+        r"data.num_classes=1000 but .*train has 3 classes: set data.num_classes=3": {
             "num_classes": 1000
         },
-        r"train/train: .* point data.root at a folder with train/ and val/": {
+        r"train/train does not exist.* point data.root=/path/to/imagenet at a folder with": {
             "root": tmp_path / "train"
         },
     }
@@ -401,6 +404,12 @@ def test_settings_dali_cannot_honour_are_refused(tmp_path):
     dali.trainer = rank_trainer(0, world=1)
     with pytest.raises(UserError, match=r"data.device=gpu but training does not run on a CUDA"):
         dali.val_dataloader()
+    # What DALI cannot do is not in its config at all: the ImageFolder loader's keys are refused
+    # when the config is composed, before anything runs.
+    for key, value in (("on_bad_sample", "skip"), ("loader", "fast"), ("pin_memory", "true")):
+        assert key not in compose_config(["data=imagenet_dali"]).data
+        with pytest.raises(ConfigCompositionException, match=f"data.{key}"):
+            compose_config(["data=imagenet_dali", f"data.{key}={value}"])
 
 
 def test_without_dali_the_config_names_the_extra_to_install(tmp_path, monkeypatch):

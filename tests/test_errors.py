@@ -3,7 +3,7 @@
 import pytest
 from conftest import TINY, run_cli, run_train
 
-from vitrain.data.batching import per_device_batch_size
+from vitrain.data.sizing import per_device_batch_size
 from vitrain.errors import UserError
 
 

@@ -1,4 +1,5 @@
-"""data.loader=fast (vitrain.data.decode) against the pil path and torchvision; bench/loader.py."""
+"""data.loader=fast (vitrain.data.decode_fast) against the pil path and torchvision; the device
+step; bench/loader.py."""
 
 import io
 import random
@@ -17,16 +18,12 @@ from timm.data.auto_augment import RandAugment
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
-from vitrain import train as train_module
-from vitrain.data.decode import (
-    AugmentationError,
-    DeviceNormalize,
-    SampleTransform,
-    sample_transform,
-)
+from vitrain.data.bad_samples import IMAGE_ERRORS
+from vitrain.data.batch import Batch
+from vitrain.data.decode_fast import AugmentationError, FastSampleTransform
+from vitrain.data.decode_pil import eval_transform, train_transform
 from vitrain.data.imagefolder import ImageFolderDataModule
-from vitrain.data.images import IMAGE_ERRORS
-from vitrain.data.transforms import eval_transform, train_transform
+from vitrain.data.on_device import DeviceAugment, DeviceNormalize
 from vitrain.errors import UserError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -75,7 +72,7 @@ def test_train_sample_is_uint8_chw_of_the_image_size(augment, size, tmp_path):
     data = encoded(photo(), quality=90)
     path = tmp_path / "a.JPEG"
     path.write_bytes(data)
-    transform = sample_transform("train", size, augment, 0.875, "bicubic")
+    transform = FastSampleTransform("train", size, augment, 0.875, "bicubic")
     seed_all(0)
     from_bytes = transform(data)
     seed_all(0)
@@ -88,7 +85,7 @@ def test_train_sample_is_uint8_chw_of_the_image_size(augment, size, tmp_path):
 
 def test_crop_parameters_are_the_pil_paths_for_the_same_seed():
     """The pil path's crop is timm's RandomResizedCropAndInterpolation (python's random)."""
-    transform = SampleTransform("train", 224, PLAIN, 0.875, "bicubic")
+    transform = FastSampleTransform("train", 224, PLAIN, 0.875, "bicubic")
     timm_crop = RandomResizedCropAndInterpolation(224, tuple(PLAIN["scale"]), tuple(PLAIN["ratio"]))
     image = Image.new("RGB", (500, 375))
     random.seed(7)
@@ -102,7 +99,7 @@ def test_crop_parameters_are_the_pil_paths_for_the_same_seed():
 def test_crop_statistics_match_torchvisions_random_resized_crop(height, width):
     """Area fraction and aspect ratio: the same range and quantiles as torchvision's get_params."""
     draws = 4000
-    transform = SampleTransform("train", 224, PLAIN, 0.875, "bicubic")
+    transform = FastSampleTransform("train", 224, PLAIN, 0.875, "bicubic")
     random.seed(0)
     ours = np.array([transform.crop_box(height, width)[2:] for _ in range(draws)], dtype=float)
     torch.manual_seed(0)
@@ -137,7 +134,7 @@ def test_reduced_scale_decode_gives_the_full_decodes_crop():
     """A 1200x900 JPEG and a 600x800 crop: decoded at 1/2 scale, the 224 px result is within a
     level or two of cropping the full decode."""
     data = encoded(photo(1200, 900), quality=90)
-    transform = SampleTransform("train", 224, {**PLAIN, "hflip": 0.0}, 0.875, "bicubic")
+    transform = FastSampleTransform("train", 224, {**PLAIN, "hflip": 0.0}, 0.875, "bicubic")
     transform.crop_box = lambda height, width: (100, 200, 600, 800)
     out = transform(data).float()
     full = F.pil_to_tensor(pil_rgb(data))
@@ -150,9 +147,9 @@ def test_reduced_scale_decode_gives_the_full_decodes_crop():
 
 def test_eval_equals_the_pil_paths_center_crop():
     data = encoded(photo(), quality=90)
-    fast = sample_transform("val", 224, PLAIN, 0.875, "bicubic")(data)
+    fast = FastSampleTransform("val", 224, PLAIN, 0.875, "bicubic")(data)
     assert fast.shape == (3, 224, 224) and fast.dtype == torch.uint8
-    ours = DeviceNormalize(MEAN, STD)(fast[None], training=False)[0]
+    ours = DeviceNormalize(MEAN, STD)(fast[None])[0]
     theirs = eval_transform(224, 0.875, "bicubic", MEAN, STD)(pil_rgb(data))
     difference = (ours - theirs).abs()
     assert difference.mean() < 0.005 and difference.max() < 0.05  # 1 level is 0.017
@@ -168,8 +165,8 @@ def test_eval_equals_the_pil_paths_center_crop():
     ids=["grayscale-jpeg", "cmyk-jpeg", "png"],
 )
 def test_other_formats_give_the_same_rgb_as_pil(data):
-    fast = sample_transform("val", 224, PLAIN, 0.875, "bicubic")(data)
-    ours = DeviceNormalize(MEAN, STD)(fast[None], training=False)[0]
+    fast = FastSampleTransform("val", 224, PLAIN, 0.875, "bicubic")(data)
+    ours = DeviceNormalize(MEAN, STD)(fast[None])[0]
     theirs = eval_transform(224, 0.875, "bicubic", MEAN, STD)(pil_rgb(data))
     assert ours.shape == theirs.shape == (3, 224, 224)
     assert (ours - theirs).abs().mean() < 0.01
@@ -181,8 +178,8 @@ def test_a_jpeg_libjpeg_only_warns_about_is_read_as_pil_reads_it():
     data = encoded(photo(), quality=90)
     start_of_scan = data.index(b"\xff\xda")
     damaged = data[:start_of_scan] + b"\x12\x34\x56" + data[start_of_scan:]
-    fast = sample_transform("val", 224, PLAIN, 0.875, "bicubic")(damaged)
-    clean = sample_transform("val", 224, PLAIN, 0.875, "bicubic")(data)
+    fast = FastSampleTransform("val", 224, PLAIN, 0.875, "bicubic")(damaged)
+    clean = FastSampleTransform("val", 224, PLAIN, 0.875, "bicubic")(data)
     assert torch.equal(fast, clean)
 
 
@@ -193,11 +190,11 @@ def test_a_jpeg_libjpeg_only_warns_about_is_read_as_pil_reads_it():
 )
 def test_unreadable_bytes_raise_what_robust_image_folder_catches(data):
     with pytest.raises(IMAGE_ERRORS):
-        sample_transform("train", 224, PLAIN, 0.875, "bicubic")(data)
+        FastSampleTransform("train", 224, PLAIN, 0.875, "bicubic")(data)
 
 
 def rand_augment_of(transform):
-    if isinstance(transform, SampleTransform):
+    if isinstance(transform, FastSampleTransform):
         return transform.rand_augment
     return next(t for t in transform.transforms if isinstance(t, RandAugment))
 
@@ -206,7 +203,7 @@ def rand_augment_of(transform):
 def test_posterize_to_zero_bits_gives_a_black_image_not_an_error(path):
     """rand-m9-mstd0.5-inc1 can ask PosterizeIncreasing for 0 bits; Pillow 13 raises for 0."""
     if path == "fast":
-        transform = SampleTransform("train", 64, RECIPE, 0.875, "bicubic")
+        transform = FastSampleTransform("train", 64, RECIPE, 0.875, "bicubic")
     else:
         transform = train_transform(64, RECIPE, MEAN, STD)
     ops = {op.name: op for op in rand_augment_of(transform).ops}
@@ -218,7 +215,7 @@ def test_posterize_to_zero_bits_gives_a_black_image_not_an_error(path):
 
 
 def test_a_failing_augmentation_is_an_error_not_a_bad_file():
-    transform = SampleTransform("train", 64, RECIPE, 0.875, "bicubic")
+    transform = FastSampleTransform("train", 64, RECIPE, 0.875, "bicubic")
 
     def broken(image):
         raise ValueError("a bug in an augmentation")
@@ -233,7 +230,7 @@ def test_a_failing_augmentation_is_an_error_not_a_bad_file():
 def test_device_normalize_has_the_pil_paths_values_and_range():
     pixels = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     pixels[0, :, 0, 0], pixels[0, :, 0, 1] = 0, 255
-    ours = DeviceNormalize(MEAN, STD)(pixels, training=False)
+    ours = DeviceNormalize(MEAN, STD)(pixels)
     theirs = F.normalize(pixels.float() / 255.0, list(MEAN), list(STD))
     assert ours.dtype == torch.float32
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
@@ -245,27 +242,32 @@ def test_device_normalize_has_the_pil_paths_values_and_range():
 
 def test_random_erasing_only_on_training_batches():
     pixels = torch.full((8, 3, 64, 64), 128, dtype=torch.uint8)
-    normalize = DeviceNormalize(MEAN, STD, re_prob=1.0)
-    plain = DeviceNormalize(MEAN, STD)(pixels, training=False)
-    torch.testing.assert_close(normalize(pixels, training=False), plain)
-    erased = normalize(pixels, training=True)
+    augment = DeviceAugment(MEAN, STD, re_prob=1.0)
+    plain = DeviceNormalize(MEAN, STD)(pixels)
+    torch.testing.assert_close(augment(pixels, training=False), plain)
+    erased = augment(pixels, training=True)
     changed = (erased != plain).any(dim=1)  # (N, H, W): pixels some channel of which changed
     assert changed.flatten(1).any(dim=1).all()  # every image got a patch
     assert changed.float().mean() < 0.5  # a patch, not the whole image (scale 0.02-1/3)
 
 
-def test_unknown_loader_is_a_user_error_naming_the_choices(tmp_path):
-    kwargs = dict(
-        root=str(tmp_path),
-        batch_size=4,
+def facts(root: Path, batch_size: int, image_size: int) -> dict:
+    """A two-class dataset's facts, as conf/data/dataset/ gives them."""
+    return dict(
+        root=str(root),
+        batch_size=batch_size,
         num_workers=0,
-        image_size=32,
+        image_size=image_size,
         num_classes=2,
         augment=PLAIN,
         eval_crop_pct=0.875,
         mean=MEAN,
         std=STD,
     )
+
+
+def test_unknown_loader_is_a_user_error_naming_the_choices(tmp_path):
+    kwargs = facts(tmp_path, 4, 32)
     with pytest.raises(UserError, match=r"data.loader=turbo is not one of fast, pil"):
         ImageFolderDataModule(**kwargs, loader="turbo")
     with pytest.raises(UserError, match=r"data=imagenet_dali"):
@@ -276,9 +278,7 @@ def test_unknown_loader_is_a_user_error_naming_the_choices(tmp_path):
 @pytest.mark.parametrize("device, pinned", [("cpu", False), ("cuda", True)])
 def test_batches_are_pinned_only_for_a_cuda_device(device, pinned, tmp_path):
     """data.pin_memory=true pins for a GPU; a CPU run gets pageable batches (and no warning)."""
-    module = ImageFolderDataModule(
-        str(jpeg_folder(tmp_path / "data")), 4, 0, 32, 2, PLAIN, 0.875, MEAN, STD
-    )
+    module = ImageFolderDataModule(**facts(jpeg_folder(tmp_path / "data"), 4, 32))
 
     class Strategy:
         root_device = torch.device(device)
@@ -299,15 +299,15 @@ def test_fast_train_batches_have_the_pil_paths_shape_dtype_and_range(tmp_path):
     root = jpeg_folder(tmp_path / "data")
     batches = {}
     for loader in ("fast", "pil"):
-        module = ImageFolderDataModule(
-            str(root), 8, 0, 64, 2, PLAIN, 0.875, MEAN, STD, pin_memory=False, loader=loader
-        )
+        module = ImageFolderDataModule(**facts(root, 8, 64), pin_memory=False, loader=loader)
         module.setup("fit")
-        images, targets, bad = next(iter(module.train_dataloader()))
-        images, targets, bad = module.on_after_batch_transfer((images, targets, bad), 0)
+        batch = next(iter(module.train_dataloader()))
+        assert isinstance(batch, Batch) and batch.bad_files == ()
+        batch = module.on_after_batch_transfer(batch, 0)
+        images, targets = batch.images, batch.targets
         batches[loader] = images
         assert images.shape == (8, 3, 64, 64) and images.dtype == torch.float32
-        assert targets.dtype == torch.int64 and bad == ("",) * 8
+        assert targets.dtype == torch.int64 and batch.bad_files == ()
     lowest = float(((0 - torch.tensor(MEAN)) / torch.tensor(STD)).min())
     highest = float(((1 - torch.tensor(MEAN)) / torch.tensor(STD)).max())
     for images in batches.values():
@@ -336,18 +336,14 @@ class BatchProbe(Callback):
         self.seen: list[tuple[torch.dtype, float, float, int]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        images = batch[0]
+        images = batch.images
         self.seen.append((images.dtype, float(images.min()), float(images.max()), images.shape[-1]))
 
 
 @pytest.mark.parametrize("loader", ["fast", "pil"])
-def test_fit_on_a_jpeg_folder(loader, tmp_path, monkeypatch):
+def test_fit_on_a_jpeg_folder(loader, tmp_path):
     root = jpeg_folder(tmp_path / "data")
     probe = BatchProbe()
-    original = train_module.build_callbacks
-    monkeypatch.setattr(
-        train_module, "build_callbacks", lambda cfg, **kw: [*original(cfg, **kw), probe]
-    )
     run_train(
         [
             *TINY,
@@ -362,6 +358,7 @@ def test_fit_on_a_jpeg_folder(loader, tmp_path, monkeypatch):
             "trainer.max_epochs=1",
         ],
         tmp_path / "run",
+        callbacks=[probe],
     )
     header = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert "val/acc1" in header and "train/loss" in header

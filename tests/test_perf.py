@@ -9,11 +9,12 @@ import torch
 from conftest import TINY, run_train
 from torch.utils.data import DataLoader, Dataset
 
+from vitrain.data.batch import Batch, collate_samples
 from vitrain.perf import SpeedMonitor
 from vitrain.perf.flops import training_flops_per_image
 from vitrain.perf.nvml import NvmlSampler, Sample
 from vitrain.perf.peaks import GPU_PEAK_TFLOPS, mfu, peak_flops
-from vitrain.perf.run_report import summarize
+from vitrain.report.run_report import summarize
 
 
 class FakeReader:
@@ -103,15 +104,15 @@ def test_summary_uses_the_epochs_after_the_first():
 
 
 class SlowImages(Dataset):
-    def __init__(self, n: int, delay_s: float) -> None:
-        self.n, self.delay_s = n, delay_s
+    def __init__(self, n: int, delay_s: float, replaced: tuple[str, ...] = ()) -> None:
+        self.n, self.delay_s, self.replaced = n, delay_s, replaced
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i):
         time.sleep(self.delay_s)
-        return torch.randn(8), torch.tensor(i % 2)
+        return torch.randn(8), i % 2, self.replaced
 
 
 class SlowValidation(pl.LightningModule):
@@ -120,9 +121,8 @@ class SlowValidation(pl.LightningModule):
         self.layer = torch.nn.Linear(8, 2)
         self.val_sleep_s = val_sleep_s
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return torch.nn.functional.cross_entropy(self.layer(x), y)
+    def training_step(self, batch: Batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self.layer(batch.images), batch.targets)
 
     def validation_step(self, batch, batch_idx):
         time.sleep(self.val_sleep_s)
@@ -141,7 +141,10 @@ class SlowFirstStep(SlowValidation):
 
 
 def fit_with_monitor(
-    train_delay_s: float, val_sleep_s: float, module: type = SlowValidation
+    train_delay_s: float,
+    val_sleep_s: float,
+    module: type = SlowValidation,
+    replaced: tuple[str, ...] = (),
 ) -> SpeedMonitor:
     monitor = SpeedMonitor(data_wait_warning=0.3)
     trainer = pl.Trainer(
@@ -156,8 +159,10 @@ def fit_with_monitor(
     )
     trainer.fit(
         module(val_sleep_s),
-        DataLoader(SlowImages(40, train_delay_s), batch_size=4),
-        DataLoader(SlowImages(8, 0.0), batch_size=4),
+        DataLoader(
+            SlowImages(40, train_delay_s, replaced), batch_size=4, collate_fn=collate_samples
+        ),
+        DataLoader(SlowImages(8, 0.0), batch_size=4, collate_fn=collate_samples),
     )
     return monitor
 
@@ -223,10 +228,10 @@ def test_run_summary_is_printed(tmp_path, capsys):
     assert str(tmp_path / "run_report.json") in text
 
 
-def test_image_count_ignores_the_bad_file_names_imagefolder_batches_carry(recwarn):
-    from vitrain.perf.speed import images_in
-
-    images, targets = torch.zeros(4, 3, 2, 2), torch.zeros(4, dtype=torch.long)
-    assert images_in([images, targets, ["", "", "", ""]]) == 4
-    assert images_in({"x": images}) == 4  # anything else: Lightning's extract_batch_size
+def test_image_count_is_the_batch_images_not_the_bad_file_names(recwarn):
+    """Every sample here names two files it replaced: SpeedMonitor counts images, never those
+    strings (Lightning's extract_batch_size, never asked, would count them and warn)."""
+    monitor = fit_with_monitor(train_delay_s=0.0, val_sleep_s=0.0, replaced=("a.JPEG", "b.JPEG"))
+    for epoch in monitor.history:
+        assert epoch["perf/images_per_s"] * epoch["perf/epoch_time_s"] == pytest.approx(40)
     assert not [w for w in recwarn if "ambiguous" in str(w.message)]

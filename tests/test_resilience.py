@@ -14,7 +14,6 @@ from conftest import ROOT, TINY, run_train
 from lightning.pytorch import Callback
 from PIL import Image
 
-from vitrain import train as train_module
 from vitrain.checkpointing import AtomicCheckpointIO
 from vitrain.data.check import main as check_main
 from vitrain.errors import Preempted, UserError
@@ -22,16 +21,6 @@ from vitrain.faults import NonFiniteLossError
 from vitrain.secrets import redact
 
 SHORT = [*TINY, "trainer.limit_train_batches=6", "trainer.limit_val_batches=2"]
-
-
-def with_callback(callback: Callback):
-    """Run training with one more callback (a test probe)."""
-    original = train_module.build_callbacks
-
-    def build(cfg, **kwargs):
-        return [*original(cfg, **kwargs), callback]
-
-    return pytest.MonkeyPatch.context(), build, original
 
 
 class SignalAtStep(Callback):
@@ -44,12 +33,7 @@ class SignalAtStep(Callback):
 
 
 def run_with(callback: Callback, overrides: list[str], output_dir: Path) -> dict:
-    original = train_module.build_callbacks
-    train_module.build_callbacks = lambda cfg, **kw: [*original(cfg, **kw), callback]
-    try:
-        return run_train(overrides, output_dir)
-    finally:
-        train_module.build_callbacks = original
+    return run_train(overrides, output_dir, callbacks=[callback])
 
 
 def all_finite(ckpt: dict) -> bool:

@@ -20,9 +20,10 @@ from lightning.pytorch.callbacks import Callback
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from vitrain.data.images import BadSampleError
-from vitrain.data.shard import convert, main
+from vitrain.data.bad_samples import BadSampleError, BadSamplePolicy
+from vitrain.data.batch import collate_samples
 from vitrain.data.shards import ShardDataset, ShardsDataModule, read_index, worker_segments
+from vitrain.data.write_shards import convert, main
 from vitrain.errors import UserError
 
 CLASSES = ("ant", "bee", "cat")
@@ -67,7 +68,8 @@ def digests_to_keys(files: dict[str, bytes]) -> dict[bytes, str]:
 
 def split_dataset(shard_root: Path | str, split: str, **kwargs) -> ShardDataset:
     url = f"{shard_root}/{split}"
-    return ShardDataset(url, read_index(url), digest, shuffle=split == "train", **kwargs)
+    policy = BadSamplePolicy("skip", repair="re-convert")
+    return ShardDataset(url, read_index(url), digest, policy, shuffle=split == "train", **kwargs)
 
 
 def keys_read(dataset: ShardDataset, rank: int, world: int, batch: int, drop_last: bool, workers=2):
@@ -171,11 +173,11 @@ def test_a_real_dataloader_with_two_workers_per_rank_yields_every_sample_once(sh
     for rank in (0, 1):
         dataset = split_dataset(shard_root, "train")
         dataset.configure(rank, 2, 4, drop_last=True)
-        loader = DataLoader(dataset, batch_size=4, num_workers=2)
+        loader = DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=collate_samples)
         rank_batches = list(loader)
         batches[rank] = len(rank_batches)
-        seen[rank] = [keys_of[bytes(d.tolist())] for b in rank_batches for d in b[0]]
-        assert all(bad == "" for b in rank_batches for bad in b[2])
+        seen[rank] = [keys_of[bytes(d.tolist())] for b in rank_batches for d in b.images]
+        assert all(b.bad_files == () for b in rank_batches)
         assert len(loader) == batches[rank]
     assert batches == {0: 3, 1: 3}
     everything = seen[0] + seen[1]
@@ -260,7 +262,7 @@ def test_bad_samples_are_replaced_counted_or_fatal(tmp_path):
     val.configure(0, 1, 4, drop_last=False)
     samples = list(val)
     assert len(samples) == 10  # the bad one is replaced: the planned count holds
-    named = [bad for *_, bad in samples if bad]
+    named = [name for *_, replaced in samples for name in replaced]
     assert len(named) == 1
     assert re.fullmatch(rf"{tmp_path}/shards/val/val-\d{{6}}\.tar#bee/broken", named[0])
     module = datamodule(tmp_path / "shards", image_size=32, on_bad_sample="error")
@@ -287,7 +289,7 @@ FIT = [
 
 @pytest.mark.parametrize("loader", ["fast", "pil"])
 def test_a_short_fit_on_the_shards(loader, shards, tmp_path):
-    overrides = [*FIT, f"data.root={shards[0]}", f"data.loader={loader}", "callbacks=none"]
+    overrides = [*FIT, f"data.root={shards[0]}", f"data.loader={loader}", "callbacks=base"]
     metrics = run_train(overrides, tmp_path)
     assert 0.0 <= metrics["val/acc1"] <= 1.0
     assert 0 < metrics["train/loss_epoch"] < 10
@@ -311,7 +313,7 @@ class ShardKeyRecorder(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.batches += 1
-        self.images += len(batch[1])
+        self.images += len(batch.targets)
 
     def on_train_end(self, trainer, pl_module) -> None:
         record = {"batches": self.batches, "images": self.images}
@@ -343,7 +345,7 @@ def test_ddp_on_two_processes_reads_every_sample_once_with_equal_batches(shards,
             *FIT,
             f"data.root={shards[0]}",
             "strategy=ddp_cpu",
-            "callbacks=none",
+            "callbacks=base",
             "+callbacks.keys._target_=test_shards.ShardKeyRecorder",
             f"+callbacks.keys.out_dir={record}",
             "trainer.max_epochs=2",

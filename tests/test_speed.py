@@ -19,8 +19,8 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 import vitrain.train
 from vitrain.errors import UserError
 from vitrain.models import ViTClassifier, create_vit
-from vitrain.models.module import compile_mode
 from vitrain.perf import SpeedMonitor, cpu_memory
+from vitrain.runtime import compile_mode
 from vitrain.train import build_callbacks, build_module
 from vitrain.tune import PerDeviceBatchSizeFinder
 
@@ -48,16 +48,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def add_callback(monkeypatch, callback: pl.Callback) -> None:
-    """vitrain.train.train with one more callback, first in line (before SpeedMonitor & co)."""
-    original = vitrain.train.build_callbacks
-
-    def build(cfg, *args, **kwargs):
-        return [callback, *original(cfg, *args, **kwargs)]
-
-    monkeypatch.setattr(vitrain.train, "build_callbacks", build)
 
 
 class HostReads(pl.Callback):
@@ -112,7 +102,6 @@ def test_training_step_reads_the_host_only_at_logging_steps(careless, tmp_path, 
 
         monkeypatch.setattr(ViTClassifier, "training_step", training_step)
     probe = HostReads()
-    add_callback(monkeypatch, probe)
     watch_host_reads(monkeypatch, probe)
     batches = 10
     run_train(
@@ -129,6 +118,7 @@ def test_training_step_reads_the_host_only_at_logging_steps(careless, tmp_path, 
             "recipe.fused=true",
         ],
         tmp_path,
+        callbacks=[probe],  # first in line, before SpeedMonitor & co
     )
     logging_batches = {b for b in range(batches) if (b + 1) % LOG_EVERY == 0}
     assert logging_batches <= set(probe.reads)  # the probe sees Lightning's logging reads
@@ -172,7 +162,6 @@ class SyncDebug(pl.Callback):
 )
 def test_training_step_never_synchronises_with_the_gpu(precision, compile, tmp_path, monkeypatch):
     probe = SyncDebug(LOG_EVERY)
-    add_callback(monkeypatch, probe)
     try:
         run_train(
             [
@@ -180,7 +169,7 @@ def test_training_step_never_synchronises_with_the_gpu(precision, compile, tmp_p
                 "trainer.accelerator=cuda",
                 "trainer.devices=1",
                 f"trainer.precision={precision}",
-                f"compile={compile}",  # eager, and inductor's compiled step
+                f"runtime.compile={compile}",  # eager, and inductor's compiled step
                 "data.train_batches=10",
                 "logger=csv",
                 "callbacks=default",
@@ -188,6 +177,7 @@ def test_training_step_never_synchronises_with_the_gpu(precision, compile, tmp_p
                 "recipe.cutmix_alpha=1.0",
             ],
             tmp_path,
+            callbacks=[probe],
         )
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -207,7 +197,7 @@ def test_cuda_graph_compile_trains_and_validates_under_lightning(tmp_path):
             "trainer.accelerator=cuda",
             "trainer.devices=1",
             "trainer.precision=bf16-mixed",
-            "compile=reduce-overhead",
+            "runtime.compile=reduce-overhead",
             "data.train_batches=6",
             "trainer.max_epochs=2",
             "logger=csv",
@@ -229,7 +219,7 @@ def test_compile_values_name_torch_compile_modes():
     assert compile_mode("auto", "cpu") is None
     assert compile_mode("auto", "gpu") == compile_mode("auto", "cuda") == "default"
     assert compile_mode("auto", "auto") == ("default" if torch.cuda.is_available() else None)
-    with pytest.raises(UserError, match="compile=fast is not one of auto, off, default"):
+    with pytest.raises(UserError, match="runtime.compile=fast is not one of auto, off, default"):
         compile_mode("fast")
 
 
@@ -237,7 +227,7 @@ def test_compile_mode_reaches_module_compile(monkeypatch):
     modes = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: modes.append(kw["mode"]))
     for value in ("off", "max-autotune", "true", "auto"):  # auto: MICRO trains on the CPU
-        build_module(compose_config([*MICRO, f"compile={value}"]))
+        build_module(compose_config([*MICRO, f"runtime.compile={value}"]))
     assert modes == ["max-autotune", "default"]
 
 
@@ -278,7 +268,9 @@ def test_cpu_runs_keep_freed_memory_and_gpu_runs_leave_malloc_alone(monkeypatch,
     assert len(keep) == 1
     assert not any(
         isinstance(c, cpu_memory.KeepFreedMemory)
-        for c in build_callbacks(compose_config([*MICRO, "cpu_keep_freed_memory=false"], tmp_path))
+        for c in build_callbacks(
+            compose_config([*MICRO, "runtime.cpu_keep_freed_memory=false"], tmp_path)
+        )
     )
 
     class Trainer:
@@ -297,9 +289,9 @@ def test_progress_bar_redraws_every_n_steps_not_every_step(tmp_path):
         return [c.refresh_rate for c in callbacks if isinstance(c, TQDMProgressBar)]
 
     assert bars([]) == [10]
-    assert bars(["progress_bar_refresh_rate=3"]) == [3]
+    assert bars(["runtime.progress_bar_refresh_rate=3"]) == [3]
     assert bars(["trainer.enable_progress_bar=false"]) == []  # Lightning refuses a bar then
-    assert bars(["progress_bar_refresh_rate=null"]) == []  # Lightning's own, every step
+    assert bars(["callbacks.progress_bar=null"]) == []  # Lightning's own, every step
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
@@ -325,7 +317,7 @@ def eager_compile(monkeypatch):
 @pytest.mark.parametrize("saved, loaded", [("default", "off"), ("off", "default")])
 def test_checkpoints_resume_with_and_without_compile(saved, loaded, tmp_path, eager_compile):
     first = tmp_path / "first"
-    run_train([*MICRO, "data.train_batches=2", "logger=none", f"compile={saved}"], first)
+    run_train([*MICRO, "data.train_batches=2", "logger=none", f"runtime.compile={saved}"], first)
     ckpt = first / "checkpoints" / "last.ckpt"
     # The compiled run did run through dynamo: frames captured into graphs.
     assert bool(eager_compile) == (saved != "off")
@@ -333,7 +325,7 @@ def test_checkpoints_resume_with_and_without_compile(saved, loaded, tmp_path, ea
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     assert not [k for k in state if "_orig_mod" in k]
     # Loaded into a model built the other way, the weights are the saved ones...
-    module = ViTClassifier.load_from_checkpoint(ckpt, compile=loaded)
+    module = ViTClassifier.load_from_checkpoint(ckpt, compile=compile_mode(loaded))
     assert set(module.state_dict()) == set(state)
     torch.testing.assert_close(module.state_dict()["model.head.weight"], state["model.head.weight"])
     # ...and training resumes from them.
@@ -342,7 +334,7 @@ def test_checkpoints_resume_with_and_without_compile(saved, loaded, tmp_path, ea
             *MICRO,
             "data.train_batches=2",
             "logger=none",
-            f"compile={loaded}",
+            f"runtime.compile={loaded}",
             "trainer.max_epochs=2",
             f"ckpt_path={ckpt}",
         ],
@@ -366,12 +358,15 @@ def test_checkpoint_of_a_torch_compile_wrapped_model_loads():
 # --- batch-size finder ------------------------------------------------------------------------
 
 
+class ModuleOf(pl.Callback):
+    """Keeps the LightningModule a run trained."""
+
+    def setup(self, trainer, pl_module, stage):
+        self.module = pl_module
+
+
 def test_batch_size_finder_trains_with_the_batch_it_found(tmp_path, monkeypatch):
-    built = []
-    original = vitrain.train.build_module
-    monkeypatch.setattr(
-        vitrain.train, "build_module", lambda cfg: built.append(original(cfg)) or built[-1]
-    )
+    trained = ModuleOf()
     # perf/first_step_s as SpeedMonitor holds it after each step of each fit-loop run.
     first_steps: list[list] = []
     start, end = SpeedMonitor.on_train_start, SpeedMonitor.on_train_batch_end
@@ -391,18 +386,20 @@ def test_batch_size_finder_trains_with_the_batch_it_found(tmp_path, monkeypatch)
             "data.batch_size=8",
             "data.train_batches=3",
             "logger=none",
-            "callbacks=none",
+            "callbacks=base",
             "tune.batch_size=true",
             "tune.max_trials=3",
             "tune.steps_per_trial=1",
         ],
         tmp_path,
     )
-    vitrain.train.train(cfg)
+    vitrain.train.train(cfg, callbacks=[trained])
     # 8 -> 16 -> 32: three trials (CPU never runs out of memory; max_trials caps the search).
-    assert cfg.data.batch_size == 32
+    # The finder returns its answer; the config stays what the user wrote.
+    assert cfg.data.batch_size == 8
     report = json.loads((tmp_path / "run_report.json").read_text())
     assert report["config"]["global_batch"] == 32 and report["config"]["per_device_batch"] == 32
+    assert report["config"]["batch_size_found"] == 32
     images_per_epoch = (
         report["epochs"][0]["perf/images_per_s"] * report["epochs"][0]["perf/epoch_time_s"]
     )
@@ -411,8 +408,8 @@ def test_batch_size_finder_trains_with_the_batch_it_found(tmp_path, monkeypatch)
     # SpeedMonitor times is training's, not a trial's.
     assert len(first_steps) == 1 and len(first_steps[0]) == 3
     assert report["summary"]["first_step_s"] == first_steps[0][0]
-    module = built[0]
-    assert module.hparams.global_batch_size == 32
+    module = trained.module
+    assert module.global_batch_size == 32 and module.hparams.global_batch_size == 8
     base_lr = cfg.recipe.base_lr
     assert module.trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(
         base_lr * 32 / 512
@@ -433,7 +430,8 @@ def test_batch_size_finder_trials_run_eagerly_and_training_compiles_once(tmp_pat
     monkeypatch.setattr(
         torch, "compile", lambda model, **kw: original(model, backend=recording_backend)
     )
-    run = [*MICRO, "data.train_batches=3", "logger=none", "callbacks=none", "compile=default"]
+    run = [*MICRO, "data.train_batches=3", "logger=none", "callbacks=base"]
+    run.append("runtime.compile=default")
     torch._dynamo.reset()
     run_train(run, tmp_path / "plain")
     assert set(batches) == {16}  # MICRO's batch: the recording sees what was compiled
@@ -457,8 +455,9 @@ def test_synthetic_loader_allocates_at_its_first_batch_not_when_built(monkeypatc
     assert made == [] and len(loader) == 100
     batches = list(loader) + list(loader)
     assert len(made) == 1  # once, then the same tensors every batch and epoch
-    assert all(b[0] is batches[0][0] and b[1] is batches[0][1] for b in batches)
-    assert batches[0][0].shape == (4, 3, 8, 8) and int(batches[0][1].max()) < 3
+    first = batches[0]
+    assert all(b.images is first.images and b.targets is first.targets for b in batches)
+    assert first.images.shape == (4, 3, 8, 8) and int(first.targets.max()) < 3
 
 
 def test_batch_size_finder_is_built_only_when_asked_and_refuses_what_it_cannot_do(tmp_path):
@@ -467,11 +466,20 @@ def test_batch_size_finder_is_built_only_when_asked_and_refuses_what_it_cannot_d
         return [type(c).__name__ for c in build_callbacks(cfg)]
 
     assert "PerDeviceBatchSizeFinder" not in names([])
-    assert names(["tune.batch_size=true"])[0] == "PerDeviceBatchSizeFinder"
-    with pytest.raises(UserError, match="tune.mode=binsearch tries odd batch sizes"):
-        names(["tune.batch_size=true", "tune.mode=binsearch", "recipe.mixup_alpha=0.8"])
+    assert "PerDeviceBatchSizeFinder" in names(["tune.batch_size=true"])
     with pytest.raises(UserError, match="a resumed run keeps the batch"):
         names(["tune.batch_size=true", "ckpt_path=/x/last.ckpt"])
+    with pytest.raises(UserError, match="tune.mode=fast is not one of power, binsearch"):
+        names(["tune.batch_size=true", "tune.mode=fast"])
+    # The finder reads whether the module mixes images when the run starts; it sets nothing.
+    cfg = compose_config([*MICRO, "recipe.mixup_alpha=0.8"], tmp_path)
+    finder = PerDeviceBatchSizeFinder(mode="binsearch")
+
+    class Trainer:
+        world_size = 1
+
+    with pytest.raises(UserError, match="tune.mode=binsearch tries odd batch sizes"):
+        finder.setup(Trainer(), build_module(cfg), "fit")
 
 
 def test_batch_size_finder_refuses_several_devices():

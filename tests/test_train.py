@@ -68,17 +68,10 @@ class RecordResumeState(Callback):
 
 def test_resume_continues_at_the_same_step_with_the_same_optimizer_state(quickstart_run, tmp_path):
     """Resume the 6-epoch run from its checkpoint and train a 7th epoch."""
-    from vitrain import train as train_module
-
     last = quickstart_run / "checkpoints" / "last.ckpt"
     saved = torch.load(last, map_location="cpu", weights_only=False)
     recorder = RecordResumeState()
-    original = train_module.build_callbacks
-    train_module.build_callbacks = lambda cfg, **kw: [*original(cfg, **kw), recorder]
-    try:
-        run_train([*TINY, "trainer.max_epochs=7", f"ckpt_path={last}"], tmp_path)
-    finally:
-        train_module.build_callbacks = original
+    run_train([*TINY, "trainer.max_epochs=7", f"ckpt_path={last}"], tmp_path, [recorder])
     assert recorder.global_step == saved["global_step"] > 0
     assert recorder.epoch == saved["epoch"] + 1
     saved_state = saved["optimizer_states"][0]["state"]

@@ -12,7 +12,15 @@ from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from vitrain.lightning_internals import cluster_environment
+
 LAST = "last.ckpt"
+
+
+def stop_like_sigterm(signum, frame) -> None:
+    """SIGUSR1 handler: raise SIGTERM in this process, so that Lightning's own SIGTERM handler
+    stops the run at the next batch (and, under DDP, tells the other ranks)."""
+    signal.raise_signal(signal.SIGTERM)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -50,14 +58,10 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
         super().__init__(dirpath=dirpath, filename=LAST.removesuffix(".ckpt"))
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        environment = trainer._accelerator_connector.cluster_environment
+        environment = cluster_environment(trainer)
         slurm_requeue = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
-
-        def stop_at_next_batch(signum, frame) -> None:
-            trainer._signal_connector.received_sigterm = True
-
         if not slurm_requeue and hasattr(signal, "SIGUSR1"):
-            signal.signal(signal.SIGUSR1, stop_at_next_batch)
+            signal.signal(signal.SIGUSR1, stop_like_sigterm)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception) -> None:
         if isinstance(exception, SIGTERMException | KeyboardInterrupt):

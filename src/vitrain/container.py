@@ -1,5 +1,6 @@
-"""Which image a run is in (NGC, vitrain's pip image, another container, the host), what it holds,
-and the runtime switches that must be equal in every image before a comparison means anything."""
+"""Which image a run is in (NGC, vitrain's pip image, another container, the host) and what it
+holds. The switches that must be equal in every image (TF32, cudnn.benchmark, variables) are
+vitrain.runtime's, applied in every image alike."""
 
 import os
 import platform
@@ -91,30 +92,8 @@ def detect_container(environ: dict | None = None, root: str = "/") -> dict:
     }
 
 
-def apply_runtime_settings(cfg: DictConfig | dict, environ: dict | None = None) -> dict:
-    """Set the variables of cfg.env (null unsets one), then torch's switches; returns them."""
-    environ = os.environ if environ is None else environ
-    env = {str(k): None if v is None else str(v) for k, v in (cfg.get("env") or {}).items()}
-    for key, value in env.items():
-        if value is None:
-            environ.pop(key, None)
-        else:
-            environ[key] = value
-    # Explicit, because images differ in their defaults (an NGC image may turn TF32 on through
-    # TORCH_ALLOW_TF32_CUBLAS_OVERRIDE, upstream PyTorch leaves matmuls in full fp32).
-    torch.set_float32_matmul_precision(cfg["float32_matmul_precision"])
-    torch.backends.cudnn.allow_tf32 = bool(cfg["cudnn_allow_tf32"])
-    torch.backends.cudnn.benchmark = bool(cfg["cudnn_benchmark"])
-    return {
-        "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-        "cudnn_benchmark": torch.backends.cudnn.benchmark,
-        "env": env,
-    }
-
-
 def setup_container(cfg: DictConfig | dict, environ: dict | None = None, root: str = "/") -> dict:
-    """Check container.kind against the detected image, apply the switches; returns the facts."""
+    """Check container.kind against the detected image; returns what was detected."""
     kind = cfg["kind"]
     if kind not in KINDS:
         raise UserError(f"container.kind={kind} is not one of {', '.join(KINDS)}.")
@@ -129,7 +108,6 @@ def setup_container(cfg: DictConfig | dict, environ: dict | None = None, root: s
             raise UserError(message)
         rank_zero_warn(message)
     info["requested"] = kind
-    info["settings"] = apply_runtime_settings(cfg, environ)
     return info
 
 

@@ -11,28 +11,31 @@ class NonFiniteLossError(UserError):
     pass
 
 
+def skips_nonfinite_loss(policy: str) -> bool:
+    """faults.on_nonfinite_loss: stop the run (False) or skip such steps (True)."""
+    if policy not in POLICIES:
+        raise UserError(f"faults.on_nonfinite_loss={policy} is not one of stop, skip.")
+    return policy == "skip"
+
+
 class NonFiniteLossGuard(pl.Callback):
     """Reads the module's device-side count of non-finite losses every `check_every_n_steps`
     (Lightning reads the loss on the host at its logging steps anyway) and before every
     checkpoint, so a NaN model is never saved over the last good one.
 
-    policy "skip" makes the module skip such steps instead; that needs the loss on the host
-    every step (one sync per step, and an all-reduce under DDP so that all ranks skip together).
+    With faults.on_nonfinite_loss=skip the module skips such steps itself (it needs the loss on
+    the host every step: one sync per step, and an all-reduce under DDP so that all ranks skip
+    together); the guard then only logs how many it skipped. It reads the module's policy
+    (`skips_nonfinite_loss`, from the module's constructor), and sets nothing on it.
     """
 
-    def __init__(self, policy: str = "stop", check_every_n_steps: int = 50) -> None:
-        if policy not in POLICIES:
-            raise UserError(f"faults.on_nonfinite_loss={policy} is not one of stop, skip.")
-        self.policy = policy
+    def __init__(self, check_every_n_steps: int = 50) -> None:
         self.check_every_n_steps = max(int(check_every_n_steps), 1)
         self._checked_step = 0
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        pl_module.skip_nonfinite_loss = self.policy == "skip"
-
     def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         counter = getattr(pl_module, "nonfinite_losses", None)
-        if counter is None or self.policy != "stop":
+        if counter is None or getattr(pl_module, "skips_nonfinite_loss", False):
             return
         found = trainer.strategy.reduce_boolean_decision(bool(counter), all=False)
         if found:
@@ -55,7 +58,7 @@ class NonFiniteLossGuard(pl.Callback):
         self._check(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self.policy == "skip" and trainer.is_global_zero:
+        if getattr(pl_module, "skips_nonfinite_loss", False) and trainer.is_global_zero:
             skipped = int(pl_module.nonfinite_losses)
             for logger in trainer.loggers:
                 logger.log_metrics({"train/nonfinite_steps": skipped}, step=trainer.global_step)

@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from vitrain.errors import UserError
+from vitrain.lightning_internals import started_wandb_run
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
@@ -64,8 +65,8 @@ def build_loggers(logger_cfg: DictConfig | None, output_dir: Path) -> list[Logge
 def finish_loggers(loggers: list[Logger]) -> None:
     """End each wandb run so that the next job of a multirun starts its own."""
     for logger in loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
-            run = logger.experiment
+        run = started_wandb_run(logger) if isinstance(logger, WandbLogger) else None
+        if run is not None:
             offline = run.settings.mode in ("offline", "dryrun") if run.settings else False
             run_dir = os.path.dirname(run.dir) if run.dir else None
             run.finish()

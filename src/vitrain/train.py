@@ -1,51 +1,50 @@
-"""Build datamodule, module, callbacks, loggers and Trainer from the config; fit; report."""
+"""Build datamodule, module, callbacks, loggers and Trainer from the config; fit; report.
+
+docs/architecture.md draws the flow; each build_* function owns one part of it.
+"""
 
 import datetime
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import (
-    Callback,
-    EMAWeightAveraging,
-    LearningRateMonitor,
-    ProgressBar,
-    TQDMProgressBar,
-)
+from lightning.pytorch.callbacks import BatchSizeFinder, Callback, LearningRateMonitor
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from vitrain.checkpointing import AtomicCheckpointIO, resume_checkpoint
 from vitrain.container import setup_container
-from vitrain.data.bad_samples import BadSampleMonitor
-from vitrain.data.batching import per_device_batch_size
+from vitrain.data.sizing import per_device_batch_size
 from vitrain.errors import Preempted, UserError
-from vitrain.faults import NonFiniteLossGuard
 from vitrain.launch import job_environment, pin_ddp_children_to_this_job
 from vitrain.loggers import build_loggers, finish_loggers
 from vitrain.models import ViTClassifier
-from vitrain.models.module import compile_mode
 from vitrain.perf import SpeedMonitor
-from vitrain.perf.cpu_memory import KeepFreedMemory
-from vitrain.perf.run_report import build_run_report, format_summary, write_json_atomic
+from vitrain.report.run_report import (
+    REPORT_NAME,
+    build_run_report,
+    format_summary,
+    write_json_atomic,
+)
+from vitrain.runtime import accelerator_is_cuda, apply_runtime_settings, compile_mode
 from vitrain.secrets import redact, redacted_argv, scrub_yaml_file
-from vitrain.tune import batch_size_finder
 
-PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
+# Callbacks that need a logger to write to: left out of a run without one (Lightning refuses it).
+NEED_A_LOGGER = (LearningRateMonitor,)
 
 
 def check_precision(precision: str, accelerator: str) -> None:
     """Refuse a precision the device cannot run, instead of Lightning's silent switch."""
     precision = str(precision)
-    on_cuda = accelerator in ("cuda", "gpu") or (
-        accelerator == "auto" and torch.cuda.is_available()
-    )
+    on_cuda = accelerator_is_cuda(accelerator)
     if precision == "16-mixed" and not on_cuda:
         raise UserError(
             "trainer.precision=16-mixed needs a CUDA GPU (fp16 autocast with a grad scaler); this "
@@ -59,27 +58,30 @@ def check_precision(precision: str, accelerator: str) -> None:
         )
 
 
+def instantiate_node(node: Any, **kwargs) -> Any:
+    """hydra.utils.instantiate, with a vitrain UserError raised inside a constructor reaching the
+    user as itself (one line), not as Hydra's wrapper with a traceback."""
+    try:
+        return instantiate(node, _convert_="all", **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, UserError):
+            raise err.__cause__ from None
+        raise
+
+
 def build_callbacks(cfg: DictConfig, with_loggers: bool = True) -> list[Callback]:
-    # Every run is measured, whatever the callbacks group holds.
-    callbacks = [SpeedMonitor(**cfg.perf)]
+    """Every callback of cfg.callbacks (conf/callbacks), in order; a node set to null, or with
+    `enabled: false`, is left out, and so are those of NEED_A_LOGGER in a run without a logger."""
+    callbacks = []
     for node in (cfg.get("callbacks") or {}).values():
-        callback = instantiate(node)
-        # The learning rate has nowhere to go with logger=none (Lightning would refuse the run).
-        if with_loggers or not isinstance(callback, LearningRateMonitor):
+        if node is None:
+            continue
+        settings = OmegaConf.to_container(node, resolve=True)
+        if settings.pop("enabled", True) is False:
+            continue
+        callback = instantiate_node(settings)
+        if with_loggers or not isinstance(callback, NEED_A_LOGGER):
             callbacks.append(callback)
-    if cfg.recipe.ema:
-        callbacks.append(EMAWeightAveraging(decay=cfg.recipe.ema_decay))
-    if cfg.get("cpu_keep_freed_memory"):
-        callbacks.append(KeepFreedMemory())
-    # Lightning's own bar redraws every step (0.4 ms of Python each on a 2-core CPU).
-    refresh = cfg.get("progress_bar_refresh_rate")
-    bar_on = cfg.trainer.get("enable_progress_bar") is not False
-    if refresh and bar_on and not any(isinstance(c, ProgressBar) for c in callbacks):
-        callbacks.append(TQDMProgressBar(refresh_rate=refresh))
-    # tune.batch_size=true: first, so the batch is settled before any other callback starts.
-    finder = batch_size_finder(cfg)
-    if finder is not None:
-        callbacks.insert(0, finder)
     return callbacks
 
 
@@ -106,14 +108,7 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list) -> 
 
 
 def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
-    try:
-        datamodule = instantiate(cfg.data, _convert_="all")
-    except InstantiationException as err:
-        # A data module's own UserError (e.g. data.loader=bogus) reaches the user as itself,
-        # not as Hydra's wrapper with a traceback.
-        if isinstance(err.__cause__, UserError):
-            raise err.__cause__ from None
-        raise
+    datamodule = instantiate_node(cfg.data)
     datamodule.check()
     return datamodule
 
@@ -123,7 +118,8 @@ def build_module(cfg: DictConfig) -> ViTClassifier:
         model=OmegaConf.to_container(cfg.model, resolve=True),
         recipe=OmegaConf.to_container(cfg.recipe, resolve=True),
         global_batch_size=cfg.data.batch_size,
-        compile=compile_mode(cfg.compile, cfg.trainer.accelerator) or False,
+        compile=compile_mode(cfg.runtime.compile, cfg.trainer.accelerator),
+        on_nonfinite_loss=cfg.faults.on_nonfinite_loss,
     )
 
 
@@ -131,8 +127,7 @@ def preflight(cfg: DictConfig, trainer: pl.Trainer, module: ViTClassifier) -> No
     """Checks that need the world size or the model, done before any process is launched."""
     check_output_dir(Path(cfg.paths.output_dir), checkpoint_bytes(module, ema=cfg.recipe.ema))
     batch = per_device_batch_size(cfg.data.batch_size, trainer.world_size)
-    mixing = cfg.recipe.mixup_alpha > 0 or cfg.recipe.cutmix_alpha > 0
-    if mixing and batch % 2:
+    if module.mixes and batch % 2:
         raise UserError(
             f"data.batch_size={cfg.data.batch_size} gives {batch} images per device, an odd "
             "number; mixup/cutmix needs an even per-device batch: use an even multiple of "
@@ -189,27 +184,27 @@ def scrub_hydra_files(output_dir: Path) -> None:
         scrub_yaml_file(path)
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit the configured model, write run_report.json; returns the final metrics as floats."""
+def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
+    """Fit the configured model, write run_report.json; returns the final metrics as floats.
+
+    callbacks: more callbacks for this run (tests, benchmarks), before the configured ones.
+    """
     with job_environment():
-        return _train(cfg)
+        return _train(cfg, list(callbacks))
 
 
-def _train(cfg: DictConfig) -> dict[str, float]:
+def _train(cfg: DictConfig, extra_callbacks: list[Callback]) -> dict[str, float]:
     started, started_at = time.perf_counter(), _now()
     pl.seed_everything(cfg.seed, workers=True)
     pin_ddp_children_to_this_job()
     container = setup_container(cfg.container)
+    container["settings"] = apply_runtime_settings(cfg.runtime)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg)
     output_dir = Path(cfg.paths.output_dir)
     scrub_hydra_files(output_dir)
     loggers = build_loggers(cfg.get("logger"), output_dir)
-    callbacks = build_callbacks(cfg, with_loggers=bool(loggers))
-    callbacks += [
-        BadSampleMonitor(),
-        NonFiniteLossGuard(cfg.faults.on_nonfinite_loss, cfg.faults.check_every_n_steps),
-    ]
+    callbacks = [*extra_callbacks, *build_callbacks(cfg, with_loggers=bool(loggers))]
     trainer = build_trainer(cfg, callbacks, loggers)
     preflight(cfg, trainer, module)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -229,26 +224,40 @@ def _train(cfg: DictConfig) -> dict[str, float]:
             f" Resume with the same command plus hydra.run.dir={output_dir}"
         ) from None
     except torch.cuda.OutOfMemoryError:
-        world = trainer.world_size
+        world, batch = trainer.world_size, datamodule.batch_size  # the batch that trained
         raise UserError(
-            f"out of GPU memory with {cfg.data.batch_size // world} images per device "
-            f"(data.batch_size={cfg.data.batch_size} over {world} devices). Lower "
-            f"data.batch_size; or keep the images per update with gradient accumulation "
-            f"(data.batch_size={cfg.data.batch_size // 2} trainer.accumulate_grad_batches=2); or "
-            "model.grad_checkpointing=true (less memory for about a third more compute)."
+            f"out of GPU memory with {batch // world} images per device "
+            f"(data.batch_size={batch} over {world} devices). Lower data.batch_size; or keep "
+            "the images per update with gradient accumulation "
+            f"(data.batch_size={batch // 2} trainer.accumulate_grad_batches=2); or "
+            "model.grad_checkpointing=true (less memory for more compute)."
         ) from None
     finally:
         if trainer.is_global_zero:
-            run = {
-                "output_dir": str(cfg.paths.output_dir),
-                "started_at": started_at,
-                "finished_at": _now(),
-                "status": status,
-                "wall_time_s": time.perf_counter() - started,
-            }
-            monitor = next(c for c in callbacks if isinstance(c, SpeedMonitor))
-            report = redact(build_run_report(cfg, trainer, module, monitor.history, container, run))
-            path = write_json_atomic(report, Path(cfg.paths.output_dir) / "run_report.json")
-            print(f"\n{format_summary(report)}\n  run report: {path}", flush=True)
+            write_report(cfg, trainer, module, container, started, started_at, status)
         finish_loggers(trainer.loggers)
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+
+def write_report(cfg, trainer, module, container, started, started_at, status) -> None:
+    """run_report.json and the printed summary, from what the run's callbacks measured."""
+    run = {
+        "output_dir": str(cfg.paths.output_dir),
+        "started_at": started_at,
+        "finished_at": _now(),
+        "status": status,
+        "wall_time_s": time.perf_counter() - started,
+    }
+    monitor = next((c for c in trainer.callbacks if isinstance(c, SpeedMonitor)), None)
+    finder = next((c for c in trainer.callbacks if isinstance(c, BatchSizeFinder)), None)
+    report = build_run_report(
+        cfg,
+        trainer,
+        module,
+        monitor.history if monitor else [],
+        container,
+        run,
+        batch_size_found=finder.optimal_batch_size if finder else None,
+    )
+    path = write_json_atomic(redact(report), Path(cfg.paths.output_dir) / REPORT_NAME)
+    print(f"\n{format_summary(report)}\n  run report: {path}", flush=True)

@@ -4,7 +4,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BatchSizeFinder
 from lightning.pytorch.utilities import rank_zero_warn
-from omegaconf import DictConfig
 
 from vitrain.errors import UserError
 
@@ -13,32 +12,39 @@ class PerDeviceBatchSizeFinder(BatchSizeFinder):
     """Lightning's BatchSizeFinder on the datamodule's `batch_size`, and a recipe that follows it.
 
     Lightning's finder runs a few training steps per trial, doubling the batch until the device
-    runs out of memory (`power`; `binsearch` then bisects), and restores the weights afterwards.
-    It runs on one device only (Lightning refuses distributed strategies), where the global
-    batch `data.batch_size` is the per-device batch. After the search:
+    runs out of memory (`power`; `binsearch` then bisects), restores the weights afterwards and
+    sets the datamodule's `batch_size` to the batch found. It runs on one device only (Lightning
+    refuses distributed strategies), where the global batch `data.batch_size` is the per-device
+    batch. After the search:
 
-    - the learning rate (base_lr x batch / 512) and the schedule's length are rebuilt for the
-      batch found, by calling configure_optimizers again (the optimizer has no state yet);
-    - `data.batch_size` in the run's config becomes the batch found, so the run report and the
-      logs record the batch that trained;
+    - the optimizer and schedule are rebuilt (the optimizer has no state yet), so that the
+      learning rate (base_lr x batch / 512, from the datamodule's batch) and the schedule's
+      length follow the batch found;
+    - `optimal_batch_size` holds the answer, which the run report records;
     - one line says the per-device batch and the `data.batch_size` to use on N devices.
 
-    The trials run eagerly, even when `compile` is on: compiling every trial's batch size would
-    cost a compilation per trial (about a minute each for ViT-B/16 on an H200), and after two
-    sizes dynamo would make the batch dimension dynamic, so that training ran a shape-generic
-    graph. Training then compiles once, for the batch found. Eager and compiled steps took the
-    same memory on the H200 (17.7 and 17.6 GiB, ViT-B/16 bf16, batch 256).
+    The trials run eagerly, even when `runtime.compile` is on: compiling every trial's batch
+    size would cost a compilation per trial, and after two sizes dynamo would make the batch
+    dimension dynamic, so that training ran a shape-generic graph. Training then compiles once,
+    for the batch found (docs/performance.md: eager and compiled steps took the same memory).
     """
 
     def __init__(
         self,
-        data_cfg: DictConfig | None = None,
         mode: str = "power",
         steps_per_trial: int = 3,
         max_trials: int = 25,
         init_val: int = 2,
         max_val: int = 8192,
+        ckpt_path: str | None = None,
     ) -> None:
+        if mode not in BatchSizeFinder.SUPPORTED_MODES:
+            raise UserError(f"tune.mode={mode} is not one of power, binsearch.")
+        if ckpt_path:
+            raise UserError(
+                "tune.batch_size=true with ckpt_path: a resumed run keeps the batch it started "
+                "with. Tune on a fresh run (drop ckpt_path), or set data.batch_size yourself."
+            )
         super().__init__(
             mode=mode,
             steps_per_trial=steps_per_trial,
@@ -47,8 +53,7 @@ class PerDeviceBatchSizeFinder(BatchSizeFinder):
             batch_arg_name="batch_size",
             max_val=max_val,
         )
-        self._data_cfg = data_cfg
-        self.per_device_batch_size: int | None = None
+        self.search_mode = mode
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.world_size > 1:
@@ -56,6 +61,11 @@ class PerDeviceBatchSizeFinder(BatchSizeFinder):
                 f"tune.batch_size=true runs on one device, this run has {trainer.world_size}: "
                 "find the batch with trainer.devices=1 trainer.num_nodes=1, then train on N "
                 "devices with data.batch_size=<found> x N (data.batch_size is the global batch)."
+            )
+        if self.search_mode == "binsearch" and getattr(pl_module, "mixes", False):
+            raise UserError(
+                "tune.mode=binsearch tries odd batch sizes, and mixup/cutmix needs an even batch: "
+                "use tune.mode=power, or recipe.mixup_alpha=0 recipe.cutmix_alpha=0."
             )
         super().setup(trainer, pl_module, stage)
 
@@ -71,44 +81,10 @@ class PerDeviceBatchSizeFinder(BatchSizeFinder):
         found = self.optimal_batch_size
         if found is None:  # skipped (fast_dev_run)
             return
-        self.per_device_batch_size = found
-        if "global_batch_size" in pl_module.hparams:
-            pl_module.hparams.global_batch_size = found
-            trainer.strategy.setup_optimizers(trainer)
-        if self._data_cfg is not None:
-            self._data_cfg.batch_size = found
+        trainer.strategy.setup_optimizers(trainer)  # the learning rate of the batch found
         print(
             f"tune.batch_size: {found} images per device fit; training on with "
             f"data.batch_size={found} (this one device). On N devices use "
             f"data.batch_size={found} x N, e.g. {found * 8} on 8.",
             flush=True,
         )
-
-
-def batch_size_finder(cfg: DictConfig) -> PerDeviceBatchSizeFinder | None:
-    """The finder the `tune` config asks for; None with tune.batch_size=false."""
-    tune = cfg.get("tune") or {}
-    if not tune.get("batch_size"):
-        return None
-    mode = str(tune.get("mode", "power"))
-    if mode not in BatchSizeFinder.SUPPORTED_MODES:
-        raise UserError(f"tune.mode={mode} is not one of power, binsearch.")
-    mixing = cfg.recipe.mixup_alpha > 0 or cfg.recipe.cutmix_alpha > 0
-    if mode == "binsearch" and mixing:
-        raise UserError(
-            "tune.mode=binsearch tries odd batch sizes, and mixup/cutmix needs an even batch: "
-            "use tune.mode=power, or recipe.mixup_alpha=0 recipe.cutmix_alpha=0."
-        )
-    if cfg.get("ckpt_path"):
-        raise UserError(
-            "tune.batch_size=true with ckpt_path: a resumed run keeps the batch it started with. "
-            "Tune on a fresh run (drop ckpt_path), or set data.batch_size yourself."
-        )
-    return PerDeviceBatchSizeFinder(
-        data_cfg=cfg.data,
-        mode=mode,
-        steps_per_trial=int(tune.steps_per_trial),
-        max_trials=int(tune.max_trials),
-        init_val=int(tune.get("init_val") or cfg.data.batch_size),
-        max_val=int(tune.max_val),
-    )

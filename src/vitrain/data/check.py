@@ -1,7 +1,9 @@
 """`python -m vitrain.data.check ROOT`: list the files a training run could not decode.
 
-Decodes every image file below ROOT with the very loader training uses, in parallel, before a
-long run rather than at epoch 57. Exit code 1 when any file is bad, 0 when all are good.
+Decodes every image file of ROOT's splits (ROOT/train, ROOT/val; or ROOT itself when it holds the
+class folders), listed as training lists them (vitrain.data.layout), with the pil path's decoder,
+in parallel, before a long run rather than at epoch 57. Exit code 1 when any file is bad, 0 when
+all are good, 2 when ROOT is not an ImageFolder.
 """
 
 import argparse
@@ -10,9 +12,10 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from torchvision.datasets.folder import IMG_EXTENSIONS
-
-from vitrain.data.images import IMAGE_ERRORS, load_rgb
+from vitrain.data.bad_samples import IMAGE_ERRORS
+from vitrain.data.decode_pil import load_rgb
+from vitrain.data.layout import SPLITS, list_split
+from vitrain.errors import UserError
 
 
 def check_file(path: str) -> str | None:
@@ -25,7 +28,9 @@ def check_file(path: str) -> str | None:
 
 
 def image_files(root: Path) -> list[str]:
-    return sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+    """The files training would read: those of ROOT's splits, or of ROOT as one split."""
+    splits = [root / split for split in SPLITS if (root / split).is_dir()] or [root]
+    return [path for split_dir in splits for path in list_split(split_dir).files]
 
 
 def find_bad_files(root: Path, workers: int) -> tuple[int, list[tuple[str, str]]]:
@@ -43,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.root.is_dir():
         print(f"error: {args.root} is not a directory", file=sys.stderr)
         return 2
-    total, bad = find_bad_files(args.root, args.workers)
+    try:
+        total, bad = find_bad_files(args.root, args.workers)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     for path, reason in bad:
         print(f"{path}\t{reason}")
     print(f"{total} image files checked under {args.root}: {len(bad)} bad", file=sys.stderr)

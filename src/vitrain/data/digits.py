@@ -40,13 +40,15 @@ def write_digits_imagefolder(root: Path, val_fraction: float, split_seed: int) -
 
 
 class DigitsDataModule(ImageFolderDataModule):
-    def __init__(self, *args, val_fraction: float = 0.2, split_seed: int = 0, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    """data=digits: the digits ImageFolder, written on first use, then data=imagenet's reader."""
+
+    def __init__(self, *, val_fraction: float = 0.2, split_seed: int = 0, **imagefolder) -> None:
+        super().__init__(**imagefolder)
         self.val_fraction = val_fraction
         self.split_seed = split_seed
 
     def prepare_data(self) -> None:
-        write_digits_imagefolder(self.root, self.val_fraction, self.split_seed)
+        write_digits_imagefolder(self.root_path, self.val_fraction, self.split_seed)
 
     def check(self) -> None:
         self.prepare_data()

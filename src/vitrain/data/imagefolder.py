@@ -1,166 +1,65 @@
-"""ImageNet-style ImageFolder data: root/train/<class>/*.JPEG and root/val/<class>/*.JPEG."""
+"""data=imagenet: an ImageFolder of files, root/train/<class>/* and root/val/<class>/*."""
 
-from pathlib import Path
+from collections.abc import Callable
+from functools import partial
 
-import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from vitrain.data.batching import auto_num_workers, per_device_batch_size
-from vitrain.data.decode import DeviceNormalize, sample_transform
-from vitrain.data.images import RobustImageFolder
-from vitrain.data.transforms import eval_transform, train_transform
-from vitrain.errors import UserError
-
-SPLITS = ("train", "val")
-# fast: decode.py's uint8 path, normalised on the device; pil: timm's create_transform on PIL
-# images, floats made on the CPU. DALI has its own datamodule (data=imagenet_dali).
-LOADERS = ("fast", "pil")
+from vitrain.data.bad_samples import BadSampleError, BadSamplePolicy
+from vitrain.data.base import WorkerDecodedDataModule
+from vitrain.data.batch import Sample
+from vitrain.data.layout import SPLITS, Listing
 
 
-class ImageFolderDataModule(pl.LightningDataModule):
+class ImageFolderDataset(Dataset):
+    """A split's files, decoded by `transform` (path -> tensor) under the bad-sample rule: an
+    unreadable file is replaced by the next good one, whose sample names it."""
+
     def __init__(
         self,
-        root: str,
-        batch_size: int,
-        num_workers: int | str,
-        image_size: int,
-        num_classes: int,
-        augment: dict,
-        eval_crop_pct: float,
-        mean: list[float],
-        std: list[float],
-        pin_memory: bool = True,
-        on_bad_sample: str = "skip",
-        loader: str = "fast",
+        listing: Listing,
+        transform: Callable[[str], torch.Tensor],
+        bad_samples: BadSamplePolicy,
     ) -> None:
-        super().__init__()
-        if loader not in LOADERS:
-            hint = " (DALI has its own datamodule: data=imagenet_dali)" if loader == "dali" else ""
-            raise UserError(
-                f"data.loader={loader} is not one of {', '.join(LOADERS)} for data=imagenet"
-                f"{hint}: set data.loader=fast (the default) or data.loader=pil."
-            )
-        self.loader = loader
-        self.root = Path(root)
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.image_size = image_size
-        self.num_classes = num_classes
-        self.augment = dict(augment)
-        self.eval_crop_pct = eval_crop_pct
-        self.mean, self.std = list(mean), list(std)
-        self.pin_memory = pin_memory
-        self.on_bad_sample = on_bad_sample
-        self.datasets: dict[str, RobustImageFolder] = {}
-        # Turns the fast path's uint8 batches into normalised floats once they are on the device.
-        self.device_normalize = DeviceNormalize(self.mean, self.std, self.augment["re_prob"])
+        self.listing = listing
+        self.samples = listing.samples
+        self.transform = transform
+        self.bad_samples = bad_samples
 
-    def check(self) -> None:
-        """Fail before training, naming the path and the override, if the layout is wrong."""
-        if not self.root.is_dir():
-            raise UserError(
-                f"data.root={self.root} does not exist: point data.root=/path/to/imagenet at a "
-                "folder with train/ and val/ class folders (README 'ImageNet layout'), or run "
-                "experiment=quickstart."
-            )
-        for split in SPLITS:
-            split_dir = self.root / split
-            classes = (
-                sorted(p.name for p in split_dir.iterdir() if p.is_dir())
-                if split_dir.is_dir()
-                else []
-            )
-            if not classes:
-                raise UserError(
-                    f"data.root={self.root} has no class folders in {split_dir}: expected "
-                    f"{self.root}/{split}/<class>/<image files>. Point data.root=/path/to/imagenet "
-                    "at such a folder (README 'ImageNet layout'), or run experiment=quickstart."
-                )
-            if len(classes) != self.num_classes:
-                raise UserError(
-                    f"data.num_classes={self.num_classes} but {split_dir} has {len(classes)} class "
-                    f"folders: set data.num_classes={len(classes)}."
-                )
+    def __len__(self) -> int:
+        return len(self.samples)
 
-    @property
-    def per_device_batch_size(self) -> int:
-        world_size = self.trainer.world_size if self.trainer else 1
-        return per_device_batch_size(self.batch_size, world_size)
+    def _decode(self, path: str, target: int) -> tuple[torch.Tensor, int]:
+        return self.transform(path), target
 
-    @property
-    def workers(self) -> int:
-        if self.num_workers == "auto":
-            return auto_num_workers(self.trainer.num_devices if self.trainer else 1)
-        return int(self.num_workers)
-
-    def _decoding(self, split: str) -> dict:
-        """RobustImageFolder's transform and loader for the split and data.loader."""
-        if self.loader == "fast":
-            decode = sample_transform(
-                split,
-                self.image_size,
-                self.augment,
-                self.eval_crop_pct,
-                self.augment["interpolation"],
-                mean=tuple(self.mean),
+    def __getitem__(self, index: int) -> Sample:
+        count = len(self.samples)
+        candidates = (
+            (path, partial(self._decode, path, target))
+            for path, target in (self.samples[(index + k) % count] for k in range(count))
+        )
+        decoded, bad = self.bad_samples.first_good(candidates)
+        if decoded is None:
+            raise BadSampleError(
+                f"no readable image in {self.listing.split_dir}: e.g. {bad[0]}. Check it with "
+                "`python -m vitrain.data.check DATA_ROOT`."
             )
-            return {"transform": None, "loader": decode}
-        if split == "train":
-            transform = train_transform(self.image_size, self.augment, self.mean, self.std)
-        else:
-            transform = eval_transform(
-                self.image_size,
-                self.eval_crop_pct,
-                self.augment["interpolation"],
-                self.mean,
-                self.std,
-            )
-        return {"transform": transform}
+        image, target = decoded
+        return image, target, tuple(bad)
 
+
+class ImageFolderDataModule(WorkerDecodedDataModule):
     def setup(self, stage: str | None = None) -> None:
         for split in SPLITS:
             if split not in self.datasets:
-                try:
-                    self.datasets[split] = RobustImageFolder(
-                        self.root / split, on_bad_sample=self.on_bad_sample, **self._decoding(split)
-                    )
-                except FileNotFoundError as err:
-                    raise UserError(f"data.root={self.root}: {err}") from None
-
-    @property
-    def pins_memory(self) -> bool:
-        """data.pin_memory where batches go to a CUDA device: page-locked batches make that copy
-        asynchronous; for a CPU run they only cost locked memory (and torch warns)."""
-        device = self.trainer.strategy.root_device if self.trainer is not None else None
-        cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
-        return bool(self.pin_memory) and cuda
-
-    def _loader(self, split: str) -> DataLoader:
-        workers = self.workers
-        training = split == "train"
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.per_device_batch_size,
-            shuffle=training,
-            drop_last=training,  # timm's Mixup needs equal, even batches
-            num_workers=workers,
-            pin_memory=self.pins_memory,
-            persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None,
-        )
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """fast: uint8 images -> normalised floats (+ random erasing when training), on the
-        device (Lightning calls this after moving the batch, for every split)."""
-        if self.loader != "fast":
-            return batch
-        images, targets, bad_files = batch
-        training = self.trainer is not None and self.trainer.training
-        return type(batch)((self.device_normalize(images, training), targets, bad_files))
+                self.datasets[split] = ImageFolderDataset(
+                    self.listing(split), self.sample_transform(split), self.bad_samples
+                )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
+        # drop_last: timm's Mixup needs equal, even batches.
+        return self.dataloader(self.datasets["train"], shuffle=True, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+        return self.dataloader(self.datasets["val"], shuffle=False, drop_last=False)

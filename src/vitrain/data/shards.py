@@ -1,4 +1,5 @@
-"""Read the tar shards of `python -m vitrain.data.shard` from a local path or an object-store URL.
+"""Read the tar shards of `python -m vitrain.data.write_shards` from a local path or an
+object-store URL.
 
 Why webdataset tar shards and not litdata. Both stream shards from s3/gs/https; the deciding
 requirement is DDP: every rank must get the same number of batches (unequal counts hang DDP at the
@@ -23,32 +24,31 @@ ImageFolder loader does; validation keeps it.
 """
 
 import bisect
-import io
 import json
 import multiprocessing
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from urllib.parse import urlparse
 
 import fsspec
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from webdataset.filters import shuffle as shuffle_buffer
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from vitrain.data.imagefolder import SPLITS, ImageFolderDataModule
-from vitrain.data.images import IMAGE_ERRORS, ON_BAD_SAMPLE, BadSampleError
+from vitrain.data.bad_samples import BadSampleError, BadSamplePolicy
+from vitrain.data.base import WorkerDecodedDataModule
+from vitrain.data.batch import Sample
+from vitrain.data.layout import SPLITS
 from vitrain.errors import UserError
 
-INDEX_NAME = "index.json"  # beside each split's shards, written by vitrain.data.shard
+INDEX_NAME = "index.json"  # beside each split's shards, written by vitrain.data.write_shards
 INDEX_FORMAT = "vitrain-webdataset-shards/1"
 # Tar member suffixes that hold the image (the converter keeps the source file's suffix).
 IMAGE_SUFFIXES = frozenset(ext.lstrip(".") for ext in IMG_EXTENSIONS)
-# Consecutive bad samples tolerated before the shards are declared broken (as RobustImageFolder).
-MAX_CONSECUTIVE_BAD = 16
 
 
 @dataclass(frozen=True)
@@ -86,13 +86,13 @@ def read_index(split_url: str) -> dict:
     except (FileNotFoundError, OSError) as err:
         raise UserError(
             f"data.root: no shard index at {url} ({type(err).__name__}). Convert the ImageFolder "
-            "first: `python -m vitrain.data.shard /data/imagenet /data/imagenet-shards`, then "
-            "data.root=/data/imagenet-shards (or the s3://... URL you copied it to)."
+            "first: `python -m vitrain.data.write_shards /data/imagenet /data/imagenet-shards`, "
+            "then data.root=/data/imagenet-shards (or the s3://... URL you copied it to)."
         ) from None
     if index.get("format") != INDEX_FORMAT:
         raise UserError(
             f"{url} is not a vitrain shard index (format {index.get('format')!r}, expected "
-            f"{INDEX_FORMAT!r}): rebuild it with `python -m vitrain.data.shard SRC DST`."
+            f"{INDEX_FORMAT!r}): rebuild it with `python -m vitrain.data.write_shards SRC DST`."
         )
     return index
 
@@ -168,30 +168,28 @@ def read_segment(url: str, segment: Segment) -> Iterator[dict]:
 
 
 class ShardDataset(IterableDataset):
-    """(image, target, bad_files) samples of one split's shards, split exactly across DDP ranks
-    and DataLoader workers (see the module docstring). `configure` sets the rank's place and batch
-    before the DataLoader is built; `set_epoch` (shared memory, so persistent workers see it)
-    before each epoch's iteration."""
+    """(image, target, replaced files) samples of one split's shards, split exactly across DDP
+    ranks and DataLoader workers (see the module docstring). `configure` sets the rank's place
+    and batch before the DataLoader is built; `set_epoch` (shared memory, so persistent workers
+    see it) before each epoch's iteration."""
 
     def __init__(
         self,
         split_url: str,
         index: dict,
         transform: Callable[[bytes], torch.Tensor],
+        bad_samples: BadSamplePolicy,
         *,
         shuffle: bool,
         seed: int = 0,
         buffer_size: int = 1000,
-        on_bad_sample: str = "skip",
     ) -> None:
-        if on_bad_sample not in ON_BAD_SAMPLE:
-            raise UserError(f"data.on_bad_sample={on_bad_sample} is not one of skip, error.")
         self.split_url = split_url
         self.shard_names = [shard["name"] for shard in index["shards"]]
         self.shard_counts = [shard["num_samples"] for shard in index["shards"]]
         self.transform = transform
+        self.bad_samples = bad_samples
         self.shuffle, self.seed, self.buffer_size = shuffle, seed, buffer_size
-        self.on_bad_sample = on_bad_sample
         self.rank, self.world_size, self.batch_size, self.drop_last = 0, 1, 1, False
         # Shared memory: persistent workers keep the dataset object they started with (open_clip
         # shares its webdataset epoch the same way).
@@ -248,55 +246,46 @@ class ShardDataset(IterableDataset):
             raise ValueError(f"expected one image member, found {suffixes or 'none'}")
         return self.transform(sample[suffixes[0]]), int(sample["cls"])
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, str]]:
+    def __iter__(self) -> Iterator[Sample]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         # A bad sample is replaced by the next good one (the last good one at the end), yielded
         # once more, so that every rank still yields exactly its planned count: unequal counts
         # would hang DDP.
-        bad: list[str] = []
+        stream = iter(self.raw_samples(worker, num_workers))
+        candidates = (
+            (f"{sample['__url__']}#{sample['__key__']}", partial(self.decode, sample))
+            for sample in stream
+        )
         last_good = None
-        for sample in self.raw_samples(worker, num_workers):
-            name = f"{sample['__url__']}#{sample['__key__']}"
-            try:
-                image, target = self.decode(sample)
-            except IMAGE_ERRORS as err:
-                if self.on_bad_sample == "error":
+        while True:
+            decoded, bad = self.bad_samples.first_good(candidates)
+            ended = decoded is None
+            if ended:
+                if not bad:
+                    return
+                if last_good is None:
                     raise BadSampleError(
-                        f"cannot read {name}: {err}. Replace it in the source folder and "
-                        "re-convert, or set data.on_bad_sample=skip."
-                    ) from None
-                bad.append(name)
-                if len(bad) >= MAX_CONSECUTIVE_BAD:
-                    raise BadSampleError(
-                        f"{len(bad)} consecutive unreadable samples from {bad[0]}: are these "
-                        "image shards? Re-convert with `python -m vitrain.data.shard SRC DST`."
-                    ) from None
-                continue
-            yield from self.with_replacements(image, target, bad)
-            bad, last_good = [], (image, target)
-        if bad:
-            if last_good is None:
-                raise BadSampleError(
-                    f"no readable sample in this worker's part of {self.split_url}, e.g. {bad[0]}: "
-                    "re-convert with `python -m vitrain.data.shard SRC DST`."
-                )
-            image, target = last_good
-            yield image, target, ";".join(bad)
-            for _ in bad[1:]:
-                yield image, target, ""
-
-    @staticmethod
-    def with_replacements(image: torch.Tensor, target: int, bad: list[str]) -> list[tuple]:
-        """The good sample, then once more per bad one it replaces; the first names them."""
-        return [(image, target, ";".join(bad))] + [(image, target, "")] * len(bad)
+                        f"no readable sample in this worker's part of {self.split_url}, e.g. "
+                        f"{bad[0]}: re-convert with `python -m vitrain.data.write_shards SRC DST`."
+                    )
+                decoded = last_good  # stands in for the bad samples at the end of the stream
+            image, target = decoded
+            # The good sample, then once more per other bad one it replaces; the first names them.
+            yield image, target, tuple(bad)
+            yield from [(image, target, ())] * (len(bad) - ended)
+            if ended:
+                return
+            last_good = decoded
 
 
 class EpochLoader(DataLoader):
     """Lightning calls set_epoch on samplers only: an iterable dataset learns the epoch here,
     as each epoch's iteration starts (before persistent workers resume)."""
 
-    def __init__(self, dataset: ShardDataset, epoch_of: Callable[[], int], **loader_args) -> None:
+    def __init__(
+        self, dataset: ShardDataset, *, epoch_of: Callable[[], int], **loader_args
+    ) -> None:
         super().__init__(dataset, **loader_args)
         self.epoch_of = epoch_of
 
@@ -305,73 +294,41 @@ class EpochLoader(DataLoader):
         return super().__iter__()
 
 
-class DecodeBytes:
-    """Encoded image bytes -> PIL RGB image -> a PIL-input transform (picklable for workers)."""
+class ShardsDataModule(WorkerDecodedDataModule):
+    """data=imagenet_shards: the shards of `python -m vitrain.data.write_shards` at data.root (a
+    path or an s3://, gs://, http(s):// URL), with data=imagenet's settings and transforms."""
 
-    def __init__(self, transform: Callable) -> None:
-        self.transform = transform
+    repair = "Replace it in the source folder and re-convert"
 
-    def __call__(self, data: bytes) -> torch.Tensor:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()  # PIL is lazy: a truncated file fails here, inside the bad-sample guard
-            return self.transform(image.convert("RGB"))
-
-
-class ShardsDataModule(ImageFolderDataModule):
-    """data=imagenet_shards: the shards of `python -m vitrain.data.shard` at data.root (a path or
-    an s3://, gs://, http(s):// URL), with data=imagenet's settings and transforms."""
-
-    def __init__(
-        self, root: str, shuffle_buffer: int = 1000, shuffle_seed: int = 0, **imagefolder_args
-    ) -> None:
-        super().__init__(root=root, **imagefolder_args)
-        self.url = str(root)  # Path() would turn s3://bucket into s3:/bucket
+    def __init__(self, *, shuffle_buffer: int = 1000, shuffle_seed: int = 0, **settings) -> None:
+        super().__init__(**settings)
         if shuffle_buffer < 1:
             raise UserError(f"data.shuffle_buffer={shuffle_buffer} must be a positive integer.")
         self.shuffle_buffer, self.shuffle_seed = shuffle_buffer, shuffle_seed
         self.indexes: dict[str, dict] = {}
 
     def split_url(self, split: str) -> str:
-        return join_url(self.url, split)
+        return join_url(str(self.root), split)  # a str: Path() would turn s3://b into s3:/b
 
-    def check(self) -> None:
-        """Fail before training, naming the URL and the fix, if the shards are not usable."""
-        for split in SPLITS:
-            if split not in self.indexes:
-                self.indexes[split] = read_index(self.split_url(split))
-            classes = len(self.indexes[split]["classes"])
-            if classes != self.num_classes:
-                raise UserError(
-                    f"data.num_classes={self.num_classes} but the {split} shards at "
-                    f"{self.split_url(split)} have {classes} classes: set "
-                    f"data.num_classes={classes}."
-                )
+    def index(self, split: str) -> dict:
+        if split not in self.indexes:
+            self.indexes[split] = read_index(self.split_url(split))
+        return self.indexes[split]
 
-    def sample_transforms(self) -> dict[str, Callable[[bytes], torch.Tensor]]:
-        """Encoded bytes -> data=imagenet's sample for data.loader (fast: uint8, normalised on
-        the device by the inherited on_after_batch_transfer; pil: timm's float transform)."""
-        transforms = {}
-        for split in SPLITS:
-            decoding = self._decoding(split)  # the very transforms of ImageFolderDataModule
-            if decoding.get("loader") is not None:
-                transforms[split] = decoding["loader"]  # fast: accepts bytes as they are
-            else:
-                transforms[split] = DecodeBytes(decoding["transform"])
-        return transforms
+    def split_classes(self) -> dict[str, list[str]]:
+        return {split: self.index(split)["classes"] for split in SPLITS}
 
     def setup(self, stage: str | None = None) -> None:
-        self.check()
-        transforms = self.sample_transforms()
         for split in SPLITS:
             if split not in self.datasets:
                 self.datasets[split] = ShardDataset(
                     self.split_url(split),
-                    self.indexes[split],
-                    transforms[split],
+                    self.index(split),
+                    self.sample_transform(split),
+                    self.bad_samples,
                     shuffle=split == "train",
                     seed=self.shuffle_seed,
                     buffer_size=self.shuffle_buffer,
-                    on_bad_sample=self.on_bad_sample,
                 )
 
     def current_epoch(self) -> int:
@@ -386,16 +343,13 @@ class ShardsDataModule(ImageFolderDataModule):
             batch_size=self.per_device_batch_size,
             drop_last=training,  # timm's Mixup needs equal, even batches
         )
-        workers = self.workers
-        return EpochLoader(
-            dataset,
-            self.current_epoch,
-            batch_size=self.per_device_batch_size,
-            # The dataset already cut whole batches per worker; the DataLoader's drop_last would
-            # drop each worker's partial batch, not the rank's.
-            drop_last=False,
-            num_workers=workers,
-            pin_memory=self.pins_memory,
-            persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None,
-        )
+        # The dataset already cut whole batches per worker; the DataLoader's drop_last would
+        # drop each worker's partial batch, not the rank's.
+        epoch_loader = partial(EpochLoader, epoch_of=self.current_epoch)
+        return self.dataloader(dataset, loader_class=epoch_loader, drop_last=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")

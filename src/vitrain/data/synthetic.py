@@ -3,7 +3,9 @@
 import lightning.pytorch as pl
 import torch
 
-from vitrain.data.batching import per_device_batch_size
+from vitrain.data.batch import Batch
+from vitrain.data.sizing import per_device_batch_size
+from vitrain.runtime import training_device
 
 
 class DeviceBatches:
@@ -18,7 +20,7 @@ class DeviceBatches:
         self, shape: tuple[int, ...], num_classes: int, device: torch.device, length: int
     ) -> None:
         self.shape, self.num_classes, self.device, self.length = shape, num_classes, device, length
-        self.batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.batch: Batch | None = None
 
     def __len__(self) -> int:
         return self.length
@@ -27,7 +29,7 @@ class DeviceBatches:
         if self.batch is None:
             images = torch.randn(self.shape, device=self.device)
             targets = torch.randint(0, self.num_classes, self.shape[:1], device=self.device)
-            self.batch = images, targets
+            self.batch = Batch(images, targets)
         for _ in range(self.length):
             yield self.batch
 
@@ -42,7 +44,8 @@ class SyntheticDataModule(pl.LightningDataModule):
         val_batches: int = 10,
     ) -> None:
         super().__init__()
-        self.batch_size = batch_size
+        self.save_hyperparameters()
+        self.batch_size = batch_size  # global; Lightning's batch-size finder may change it
         self.image_size = image_size
         self.num_classes = num_classes
         self.train_batches = train_batches
@@ -57,7 +60,7 @@ class SyntheticDataModule(pl.LightningDataModule):
         return per_device_batch_size(self.batch_size, world_size)
 
     def _batches(self, length: int) -> DeviceBatches:
-        device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+        device = training_device(self.trainer)
         shape = (self.per_device_batch_size, 3, self.image_size, self.image_size)
         return DeviceBatches(shape, self.num_classes, device, length)
 

@@ -4,46 +4,22 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from timm.data import Mixup
-from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from vitrain import lightning_internals
+from vitrain.data.batch import Batch
 from vitrain.errors import UserError
+from vitrain.faults import skips_nonfinite_loss
 from vitrain.models.factory import create_vit
+from vitrain.models.recipe import recipe_mixes, training_loss
+from vitrain.runtime import COMPILE_MODES, training_device
 
 # torch.compile wraps a module as `_orig_mod`; checkpoints written by a wrapped model carry it.
 _COMPILE_PREFIX = "_orig_mod."
-# torch.compile's modes; `compile=true` means "default", `false` / "off" no compilation.
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def compile_mode(value: bool | str | None, accelerator: str | None = None) -> str | None:
-    """The torch.compile mode the `compile` config value asks for; None: run eagerly.
-
-    `auto` compiles ("default") where the run trains on a CUDA GPU (trainer.accelerator) and runs
-    eagerly elsewhere: on an H200 compile made ViT-S/B/L 65/33/28 % faster, while on a CPU
-    (vit_micro) it saved 3-15 % of a step for 22 s of compiling, paid back only after thousands
-    of steps (docs/performance.md, "What compile costs").
-    """
-    if str(value).lower() == "auto":
-        cuda = accelerator in ("gpu", "cuda") or (
-            accelerator in (None, "auto") and torch.cuda.is_available()
-        )
-        return "default" if cuda else None
-    if value is None or value is False or str(value).lower() in ("false", "off", "none"):
-        return None
-    if value is True or str(value).lower() in ("true", "on"):
-        return "default"
-    if value not in COMPILE_MODES:
-        raise UserError(
-            f"compile={value} is not one of auto, off, {', '.join(COMPILE_MODES)} "
-            "(torch.compile's modes; true means default)."
-        )
-    return str(value)
 
 
 class ViTClassifier(pl.LightningModule):
@@ -51,6 +27,11 @@ class ViTClassifier(pl.LightningModule):
 
     Metrics accumulate on the device (torchmetrics) so that the training step never waits for
     the host; the loss is read on the host only when Lightning logs it.
+
+    model: create_vit's arguments (conf/model); recipe: conf/recipe; global_batch_size: the
+    configured data.batch_size (the learning rate follows the datamodule's batch when there is
+    one: Lightning's batch-size finder may have changed it); compile: a torch.compile mode or
+    None (vitrain.runtime.compile_mode decides it); on_nonfinite_loss: faults.on_nonfinite_loss.
     """
 
     def __init__(
@@ -58,83 +39,63 @@ class ViTClassifier(pl.LightningModule):
         model: dict,
         recipe: dict,
         global_batch_size: int,
-        compile: bool | str = False,
+        compile: str | None = None,
+        on_nonfinite_loss: str = "stop",
     ) -> None:
         super().__init__()
+        if compile is not None and compile not in COMPILE_MODES:
+            raise ValueError(f"compile={compile!r}: a torch.compile mode or None")
         self.save_hyperparameters()
-        self.model_cfg = dict(model)
         self.recipe = recipe
-        self.model = create_vit(**self.model_cfg)
-        num_classes = self.model_cfg["num_classes"]
+        self.model = create_vit(**model)
+        num_classes = model["num_classes"]
+        # faults.on_nonfinite_loss=skip: NonFiniteLossGuard reads this, the step acts on it.
+        self.skips_nonfinite_loss = skips_nonfinite_loss(on_nonfinite_loss)
 
-        mixing = recipe["mixup_alpha"] > 0 or recipe["cutmix_alpha"] > 0
-        self.mixup = (
-            Mixup(
-                mixup_alpha=recipe["mixup_alpha"],
-                cutmix_alpha=recipe["cutmix_alpha"],
-                prob=recipe["mixup_prob"],
-                switch_prob=recipe["mixup_switch_prob"],
-                label_smoothing=recipe["label_smoothing"],
-                num_classes=num_classes,
-            )
-            if mixing
-            else None
-        )
-        # With mixup the targets are soft (smoothing included); without, smoothing is the loss's.
-        self.train_criterion = (
-            SoftTargetCrossEntropy()
-            if mixing
-            else nn.CrossEntropyLoss(label_smoothing=recipe["label_smoothing"])
-        )
+        self.mixes = recipe_mixes(recipe)  # the batch-size finder and preflight read it
+        self.mixup, self.train_criterion = training_loss(recipe, num_classes)
         self.val_criterion = nn.CrossEntropyLoss()
         # No NaN check: torchmetrics' check reads the loss on the host (`nans.any()`), a sync
         # every step. ("disable" also drops the weights: fine, training batches are all equal.)
         self.train_loss = MeanMetric(nan_strategy="disable")
         self.val_loss = MeanMetric()
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
         self.register_buffer(
             "nonfinite_losses", torch.zeros((), dtype=torch.long), persistent=False
         )
-        self.skip_nonfinite_loss = False  # set by NonFiniteLossGuard
-        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
-        mode = compile_mode(compile)
-        if mode:
+        if compile:
             # Module.compile keeps parameter names (no `_orig_mod.`): checkpoints load either way.
-            self.model.compile(mode=mode)
+            self.model.compile(mode=compile)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
-        images, targets = batch[0], batch[1]  # ImageFolder batches also carry bad-file names
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
+        images, targets = batch.images, batch.targets
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
         loss = self.train_criterion(self(images), targets)
         # Counted on the device; NonFiniteLossGuard reads it every few steps, not every step.
         self.nonfinite_losses += ~torch.isfinite(loss.detach())
-        if self.skip_nonfinite_loss and not self.trainer.strategy.reduce_boolean_decision(
+        if self.skips_nonfinite_loss and not self.trainer.strategy.reduce_boolean_decision(
             bool(torch.isfinite(loss)), all=True
         ):
             return None  # faults.on_nonfinite_loss=skip: one host sync per step, on every rank
         # Rank 0's step loss, handed to Lightning only at the steps it writes (log_every_n_steps):
-        # each self.log() costs 0.1-1 ms of Python, a few % of a small model's step. The epoch
-        # mean is accumulated on the device, logged and reduced across ranks once per epoch.
-        if self._logs_this_step():
+        # each self.log() costs Python time a small model's step notices (docs/performance.md,
+        # "Lightning's overhead"). The epoch mean is accumulated on the device, logged and
+        # reduced across ranks once per epoch.
+        if lightning_internals.logs_this_step(self.trainer):
             self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=images.shape[0])
         self.train_loss.update(loss.detach())  # a host int as weight would be a host-to-device copy
         return loss
 
-    def _logs_this_step(self) -> bool:
-        """Whether Lightning writes step metrics after this batch (its own test; True if absent)."""
-        connector = getattr(self.trainer, "_logger_connector", None)
-        should = getattr(connector, "should_update_logs", True)
-        return bool(should or self.trainer.fast_dev_run)
-
     def on_train_epoch_end(self) -> None:
         self.log("train/loss_epoch", self.train_loss)  # compute(), reduced across ranks, reset
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        images, targets = batch[0], batch[1]
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        images, targets = batch.images, batch.targets
         logits = self(images)
         self.val_loss.update(self.val_criterion(logits, targets), weight=images.shape[0])
         self.val_acc1.update(logits, targets)
@@ -145,17 +106,25 @@ class ViTClassifier(pl.LightningModule):
         self.log("val/acc5", self.val_acc5, on_epoch=True, batch_size=n)
 
     @property
+    def global_batch_size(self) -> int:
+        """The global batch that trains: the datamodule's (Lightning's batch-size finder sets it
+        there), else the configured one."""
+        trainer = lightning_internals.attached_trainer(self)
+        datamodule = trainer.datamodule if trainer else None
+        return getattr(datamodule, "batch_size", None) or self.hparams.global_batch_size
+
+    @property
     def learning_rate(self) -> float:
         """base_lr scaled by the images per optimizer update over 512 (the DeiT rule)."""
-        accumulate = self.trainer.accumulate_grad_batches if self._trainer else 1
-        images_per_update = self.hparams.global_batch_size * accumulate
-        return self.recipe["base_lr"] * images_per_update / 512
+        trainer = lightning_internals.attached_trainer(self)
+        accumulate = trainer.accumulate_grad_batches if trainer else 1
+        return self.recipe["base_lr"] * self.global_batch_size * accumulate / 512
 
     def configure_optimizers(self) -> dict:
         recipe = self.recipe
         fused = recipe["fused"]
         if fused is None:
-            fused = self.device.type == "cuda"
+            fused = training_device(lightning_internals.attached_trainer(self)).type == "cuda"
         # timm leaves out of weight decay: 1-d parameters (norms, biases) and no_weight_decay()
         # (position embedding, class token).
         optimizer = create_optimizer_v2(

@@ -3,9 +3,9 @@
 glibc's malloc serves large blocks (activations, gradients) with mmap and returns freed memory
 at the top of the heap to the OS (its thresholds adapt as it goes). In a training loop that
 allocates and frees the same large tensors every step, each step then touches freshly mapped
-pages: on vit_micro at batch 64 on a 2-core CPU, Lightning's loop paid 1,000-1,500 minor page
-faults per step this way (a plain PyTorch loop 20-500) and ran about 3 % slower for it. Fixed
-thresholds keep the memory mapped for reuse, as PyTorch's CUDA caching allocator does on a GPU.
+pages, page fault after page fault (what that cost: docs/performance.md, "Lightning's
+overhead"). Fixed thresholds keep the memory mapped for reuse, as PyTorch's CUDA caching
+allocator does on a GPU.
 No library does this for a process already running (jemalloc/tcmalloc need LD_PRELOAD and
 glibc's MALLOC_* variables must be set before Python starts), hence a few lines of ctypes.
 """

@@ -12,9 +12,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning.pytorch.utilities.data import extract_batch_size
 
+from vitrain.data.batch import Batch
 from vitrain.perf.flops import training_flops_per_image
+from vitrain.perf.metrics import key
 from vitrain.perf.nvml import NvmlSampler, nvml_reader_for
 from vitrain.perf.peaks import mfu, peak_flops
 
@@ -38,16 +39,6 @@ _GATHERED = (
 )
 
 
-def images_in(batch: Any) -> int:
-    """The batch's image count: its first tensor's length for (images, targets, ...) batches.
-
-    Lightning's extract_batch_size also counts the bad-file names that ImageFolder batches carry
-    (strings, length 0 when all decoded) and then warns of an ambiguous batch."""
-    if isinstance(batch, list | tuple) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0].shape[0]
-    return extract_batch_size(batch)
-
-
 class SpeedMonitor(pl.Callback):
     """Measures the training loop of each epoch and logs `perf/*` on rank 0 to every logger.
 
@@ -58,9 +49,18 @@ class SpeedMonitor(pl.Callback):
     `perf/first_step_s` is the price of starting: from the start of training to the end of the
     first step, device synchronised (worker start-up, the first batch, CUDA/cuDNN set-up and
     torch.compile's compilation), logged with the figures of the epoch it falls in.
+
+    model: the model config (conf/model), for the FLOPs per image behind MFU; None: no MFU.
+    The keys it logs and how the run report summarises them: vitrain.perf.metrics.
     """
 
-    def __init__(self, nvml_interval_s: float = 0.1, data_wait_warning: float = 0.1) -> None:
+    def __init__(
+        self,
+        model: dict | None = None,
+        nvml_interval_s: float = 0.1,
+        data_wait_warning: float = 0.1,
+    ) -> None:
+        self.model_cfg = model
         self.nvml_interval_s = nvml_interval_s
         self.data_wait_warning = data_wait_warning
         self.history: list[dict[str, Any]] = []
@@ -86,9 +86,8 @@ class SpeedMonitor(pl.Callback):
                 self._sampler = NvmlSampler(reader, self.nvml_interval_s)
                 self._sampler.pause()
                 self._sampler.start()
-        model_cfg = getattr(pl_module, "model_cfg", None)
-        if model_cfg is not None:
-            self.flops_per_image = training_flops_per_image(model_cfg)
+        if self.model_cfg is not None:
+            self.flops_per_image = training_flops_per_image(self.model_cfg)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._sampler is not None:
@@ -127,12 +126,12 @@ class SpeedMonitor(pl.Callback):
         self._wait_time += time.perf_counter() - self._last_batch_end
 
     def on_train_batch_end(
-        self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int
+        self, trainer, pl_module, outputs: Any, batch: Batch, batch_idx: int
     ) -> None:
         now = time.perf_counter()
         self._step_times.append(now - self._last_batch_end)
         self._last_batch_end = now
-        self._images += images_in(batch)  # a shape, not a value: no sync
+        self._images += batch.images.shape[0]  # a shape, not a value: no sync
         self._segment_batches += 1
         if self.first_step_s is None and self._train_start is not None:
             # The run's one synchronisation inside the loop, after its first step.
@@ -166,7 +165,7 @@ class SpeedMonitor(pl.Callback):
             return  # an epoch end replayed on resume from a checkpoint written before it
         perf = self.epoch_figures(ranks, self._step_times)
         if self.first_step_s is not None and not self._first_step_logged:
-            perf["perf/first_step_s"] = self.first_step_s  # rank 0's (all ranks start together)
+            perf[key("first_step_s")] = self.first_step_s  # rank 0's (all ranks start together)
             self._first_step_logged = True
         record = {
             "epoch": trainer.current_epoch,
@@ -181,7 +180,7 @@ class SpeedMonitor(pl.Callback):
                 logger.log_metrics(
                     {"epoch": trainer.current_epoch, **perf}, step=trainer.global_step
                 )
-        wait = perf["perf/data_wait_frac"]
+        wait = perf[key("data_wait_frac")]
         if trainer.current_epoch > 0 and wait > self.data_wait_warning:
             rank_zero_warn(
                 f"perf/data_wait_frac={wait:.2f}: the training loop waited for input "
@@ -198,25 +197,25 @@ class SpeedMonitor(pl.Callback):
         images = sum(r["images"] for r in ranks)
         images_per_s = images / epoch_time if epoch_time > 0 else 0.0
         steps_ms = sorted(t * 1000 for t in step_times) or [0.0]
-        perf = {
-            "perf/epoch_time_s": epoch_time,
-            "perf/images_per_s": images_per_s,
-            "perf/images_per_s_per_device": images_per_s / world,
-            "perf/step_time_ms": statistics.median(steps_ms),
-            "perf/step_time_p90_ms": steps_ms[min(len(steps_ms) - 1, int(0.9 * len(steps_ms)))],
-            "perf/data_wait_frac": statistics.fmean(
+        figures = {
+            "epoch_time_s": epoch_time,
+            "images_per_s": images_per_s,
+            "images_per_s_per_device": images_per_s / world,
+            "step_time_ms": statistics.median(steps_ms),
+            "step_time_p90_ms": steps_ms[min(len(steps_ms) - 1, int(0.9 * len(steps_ms)))],
+            "data_wait_frac": statistics.fmean(
                 r["wait_time"] / r["train_time"] if r["train_time"] > 0 else 0.0 for r in ranks
             ),
         }
         if all(r["has_gpu"] for r in ranks):
-            perf["perf/gpu_util"] = statistics.fmean(r["gpu_util"] for r in ranks)
-            perf["perf/gpu_mem_gb"] = max(r["gpu_mem_gb"] for r in ranks)
-            perf["perf/gpu_power_w"] = statistics.fmean(r["gpu_power_w"] for r in ranks)
+            figures["gpu_util"] = statistics.fmean(r["gpu_util"] for r in ranks)
+            figures["gpu_mem_gb"] = max(r["gpu_mem_gb"] for r in ranks)
+            figures["gpu_power_w"] = statistics.fmean(r["gpu_power_w"] for r in ranks)
         if self.flops_per_image and self.peak_flops_per_device:
-            perf["perf/mfu"] = mfu(
+            figures["mfu"] = mfu(
                 self.flops_per_image, images_per_s, self.peak_flops_per_device, world
             )
-        return perf
+        return {key(name): value for name, value in figures.items()}
 
     def _backfill_epoch_metrics(self, trainer: pl.Trainer) -> None:
         # Lightning reduces on_epoch training metrics after the callbacks' on_train_epoch_end.

@@ -52,4 +52,4 @@ class StepWindow(pl.Callback):
                 )
             )
         if self.start <= batch_idx < self.end:
-            self._images += len(batch[0])  # a shape, not a value: no sync
+            self._images += batch.images.shape[0]  # a shape, not a value: no sync

@@ -1,4 +1,4 @@
-"""Compare training runs from their run_report.json files: Markdown table, CSV and bar chart.
+"""Read and compare run_report.json files: Markdown table, CSV and bar chart.
 
     python -m vitrain.report logs/multiruns/2026-11-26_10-00-00 --baseline container=pip \
         --csv runs.csv --plot runs.png
@@ -15,34 +15,22 @@ Only the standard library and matplotlib (for --plot) are used, so the CLI needs
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
 import re
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vitrain.errors import UserError
+from vitrain.perf.metrics import COMPARED
+from vitrain.report.run_report import MISSING, REPORT_NAME
 
-REPORT_NAME = "run_report.json"
-MISSING = "–"  # shown for a value the run did not record (no GPU, unknown peak FLOPs ...)
 # Shown when a single run leaves no differing setting to tell rows apart by.
 SINGLE_RUN_SETTINGS = ("model", "precision", "devices")
-# (CSV key, Markdown label, summary key, scale, format): fractions are shown as percentages.
-METRICS: tuple[tuple[str, str, str, float, str], ...] = (
-    ("epoch_time_s", "epoch time (s)", "epoch_time_s", 1.0, "{:.2f}"),
-    ("images_per_s", "images/s", "images_per_s", 1.0, "{:.1f}"),
-    ("images_per_s_per_device", "images/s/device", "images_per_s_per_device", 1.0, "{:.1f}"),
-    ("mfu_pct", "MFU (%)", "mfu", 100.0, "{:.1f}"),
-    ("first_step_s", "first step (s)", "first_step_s", 1.0, "{:.1f}"),
-    ("gpu_util_pct", "GPU util (%)", "gpu_util", 1.0, "{:.0f}"),
-    ("gpu_mem_gb", "peak GPU mem (GB)", "gpu_mem_gb", 1.0, "{:.1f}"),
-    ("best_val_acc1_pct", "best val/acc1 (%)", "best_val_acc1", 100.0, "{:.2f}"),
-)
+COLUMNS = {metric.column: metric for metric in COMPARED}  # CSV column -> its metric
 SPEEDUP = "speedup"
 
 
@@ -183,16 +171,16 @@ def compare(reports: Sequence[dict[str, Any]], baseline: str | None = None) -> C
     base, notes = _pick_baseline(configs, baseline)
 
     labels = {k: k for k in settings} | ({"run": "run"} if show_run else {})
-    labels |= {key: label for key, label, *_ in METRICS} | {SPEEDUP: "speed-up"}
+    labels |= {column: metric.header for column, metric in COLUMNS.items()}
+    labels[SPEEDUP] = "speed-up"
     rows = []
     for config, report in zip(configs, reports, strict=True):
         summary = report.get("summary") or {}
         row: dict[str, Any] = {k: config.get(k) for k in settings}
         if show_run:
             row["run"] = _run_name(report)
-        for key, _, src, scale, _ in METRICS:
-            value = _number(summary.get(src))
-            row[key] = None if value is None else value * scale
+        for column, metric in COLUMNS.items():
+            row[column] = metric.shown(_number(summary.get(metric.name)))
         rows.append(row)
     base_ips = rows[base]["images_per_s"]
     for row in rows:
@@ -207,9 +195,8 @@ def format_value(key: str, value: Any) -> str:
     """A cell as the Markdown table shows it; MISSING for a value the run did not record."""
     if key == SPEEDUP:
         return MISSING if value is None else f"{value:.2f}x"
-    fmt = next((m[4] for m in METRICS if m[0] == key), None)
-    if fmt is not None:
-        return MISSING if value is None else fmt.format(value)
+    if key in COLUMNS:
+        return COLUMNS[key].format(value, MISSING)
     return MISSING if value is None else setting_str(value)
 
 
@@ -221,7 +208,7 @@ def to_markdown(comparison: Comparison) -> str:
         return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
     # Settings are text (left-aligned); numbers are right-aligned so digits line up.
-    numeric = {m[0] for m in METRICS} | {SPEEDUP}
+    numeric = {*COLUMNS, SPEEDUP}
     out = [line(c.labels[k] for k in c.keys)]
     out.append("|" + "|".join("---:" if k in numeric else "---" for k in c.keys) + "|")
     out += [line(format_value(k, row[k]) for k in c.keys) for row in c.rows]
@@ -265,32 +252,3 @@ def plot(comparison: Comparison, path: str | Path | None = None) -> Any:
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m vitrain.report",
-        description="Compare runs from their run_report.json files (a Markdown table on stdout).",
-    )
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="run/multirun dir, parent or file")
-    parser.add_argument(
-        "--baseline", metavar="KEY=VALUE", help="e.g. container=pip (default: row 1)"
-    )
-    parser.add_argument("--csv", metavar="FILE", help="also write the rows as CSV")
-    parser.add_argument("--plot", metavar="FILE.png", help="also write a bar chart")
-    args = parser.parse_args(argv)
-    try:
-        comparison = compare(load_reports(args.paths), args.baseline)
-    except ReportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(to_markdown(comparison))
-    if args.csv:
-        write_csv(comparison, args.csv)
-    if args.plot:
-        plot(comparison, args.plot)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

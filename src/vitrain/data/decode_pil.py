@@ -1,8 +1,30 @@
-"""Train and eval transforms (timm's create_transform: the DeiT/timm ImageNet pipeline)."""
+"""data.loader=pil: an encoded image -> PIL -> timm's create_transform (the DeiT/timm ImageNet
+pipeline, the reference the fast path is tested against); floats made in the worker."""
 
+import io
+from pathlib import Path
+
+import torch
 from PIL import Image
 from timm.data import create_transform
 from timm.data.auto_augment import RandAugment, posterize
+
+Encoded = bytes | str | Path  # a file's bytes (shards) or its path (an ImageFolder)
+
+
+def read_encoded(source: Encoded) -> bytes:
+    if isinstance(source, bytes | bytearray | memoryview):
+        return bytes(source)
+    with open(source, "rb") as handle:
+        return handle.read()
+
+
+def load_rgb(source: Encoded) -> Image.Image:
+    """Decode the whole image now (PIL is lazy), so that a truncated file fails here, inside the
+    bad-sample rule, and not later in a transform."""
+    with Image.open(io.BytesIO(read_encoded(source))) as image:
+        image.load()
+        return image.convert("RGB")
 
 
 def _posterize(image: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
@@ -23,7 +45,8 @@ def pillow13_safe(rand_augment: RandAugment) -> RandAugment:
 
 
 def train_transform(image_size: int, augment: dict, mean, std):
-    """RandomResizedCrop + flip (+ RandAugment, random erasing) + normalise."""
+    """RandomResizedCrop + flip (+ RandAugment) + normalise. Random erasing is not here: every
+    source erases on the device (vitrain.data.on_device), after the batch is there."""
     transform = create_transform(
         input_size=image_size,
         is_training=True,
@@ -31,8 +54,7 @@ def train_transform(image_size: int, augment: dict, mean, std):
         ratio=tuple(augment["ratio"]),
         hflip=augment["hflip"],
         auto_augment=augment["auto_augment"],
-        re_prob=augment["re_prob"],
-        re_mode="pixel",
+        re_prob=0.0,
         interpolation=augment["interpolation"],
         mean=tuple(mean),
         std=tuple(std),
@@ -53,3 +75,19 @@ def eval_transform(image_size: int, crop_pct: float, interpolation: str, mean, s
         mean=tuple(mean),
         std=tuple(std),
     )
+
+
+class PilSampleTransform:
+    """Encoded image -> float (3, size, size), normalised; a class so that workers can pickle it."""
+
+    def __init__(
+        self, split: str, image_size: int, augment: dict, eval_crop_pct: float, mean, std
+    ) -> None:
+        if split == "train":
+            self.transform = train_transform(image_size, augment, mean, std)
+        else:
+            interpolation = augment["interpolation"]
+            self.transform = eval_transform(image_size, eval_crop_pct, interpolation, mean, std)
+
+    def __call__(self, source: Encoded) -> torch.Tensor:
+        return self.transform(load_rgb(source))

@@ -1,4 +1,5 @@
-"""run_report.json: what ran, where, and how fast; read by `python -m vitrain.report`."""
+"""run_report.json: what ran, where, and how fast; written by every run, read by
+vitrain.report.compare (`python -m vitrain.report`) and the notebook."""
 
 import json
 import os
@@ -6,41 +7,34 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from vitrain.perf.metrics import FIRST, LARGEST, METRICS, STEADY
+
 SCHEMA = 1
-_SUMMARY_FROM_EPOCHS = {
-    "epoch_time_s": "perf/epoch_time_s",
-    "images_per_s": "perf/images_per_s",
-    "images_per_s_per_device": "perf/images_per_s_per_device",
-    "step_time_ms": "perf/step_time_ms",
-    "data_wait_frac": "perf/data_wait_frac",
-    "mfu": "perf/mfu",
-    "gpu_util": "perf/gpu_util",
-    "gpu_power_w": "perf/gpu_power_w",
-}
+REPORT_NAME = "run_report.json"
+MISSING = "–"  # shown for a value a run did not record (no GPU, unknown peak FLOPs ...)
 
 
-def _steady(epochs: list[dict], key: str) -> float | None:
-    """Median over the epochs after the first (which pays for warm-up), or the first alone."""
+def _over_epochs(epochs: list[dict], key: str, how: str) -> float | None:
     values = [e[key] for e in epochs if key in e]
     if not values:
         return None
-    return statistics.median(values[1:] if len(values) > 1 else values)
+    if how == STEADY:  # the first epoch pays for start-up and warm-up
+        return statistics.median(values[1:] if len(values) > 1 else values)
+    if how == FIRST:
+        return values[0]
+    if how == LARGEST:
+        return max(values)
+    raise ValueError(f"no per-epoch summary '{how}'")
 
 
 def summarize(epochs: list[dict], max_epochs: int | None, wall_time_s: float) -> dict[str, Any]:
+    """The summary of run_report.json: each metric of vitrain.perf.metrics, as it says."""
     summary: dict[str, Any] = {"epochs_run": len(epochs)}
-    for name, key in _SUMMARY_FROM_EPOCHS.items():
-        value = _steady(epochs, key)
-        if value is not None:
-            summary[name] = value
-    first_step = [e["perf/first_step_s"] for e in epochs if "perf/first_step_s" in e]
-    if first_step:
-        summary["first_step_s"] = first_step[0]
-    memory = [e["perf/gpu_mem_gb"] for e in epochs if "perf/gpu_mem_gb" in e]
-    if memory:
-        summary["gpu_mem_gb"] = max(memory)
-    accuracy = [e["val/acc1"] for e in epochs if "val/acc1" in e]
-    summary["best_val_acc1"] = max(accuracy) if accuracy else None
+    for metric in METRICS:
+        if metric.key is not None:
+            value = _over_epochs(epochs, metric.key, metric.summary)
+            if value is not None:
+                summary[metric.name] = value
     summary["wall_time_s"] = wall_time_s
     walls = [e["epoch_wall_s"] for e in epochs if "epoch_wall_s" in e]
     if walls and max_epochs and max_epochs > 0:
@@ -59,12 +53,8 @@ def write_json_atomic(data: dict, path: Path) -> Path:
     return path
 
 
-def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
-    return "–" if value is None else format(value * scale, spec)
-
-
 def format_summary(report: dict) -> str:
-    """The short table printed at the end of a run."""
+    """The short table printed at the end of a run: the run, then each summary figure."""
     c, s = report["config"], report["summary"]
     rows = [
         (
@@ -73,24 +63,11 @@ def format_summary(report: dict) -> str:
             f" batch {c['global_batch']} ({c['container']})",
         ),
         ("epochs", f"{s['epochs_run']} of {c['max_epochs']}"),
-        ("epoch time (median)", _fmt(s.get("epoch_time_s"), ".2f") + " s"),
-        (
-            "images/s",
-            _fmt(s.get("images_per_s"), ",.1f")
-            + f"  ({_fmt(s.get('images_per_s_per_device'), ',.1f')} per device)",
-        ),
-        ("step time (median)", _fmt(s.get("step_time_ms"), ".1f") + " ms"),
-        ("first step (start-up, compile)", _fmt(s.get("first_step_s"), ".1f") + " s"),
-        ("data wait", _fmt(s.get("data_wait_frac"), ".1f", 100) + " %"),
-        ("MFU", _fmt(s.get("mfu"), ".1f", 100) + " %"),
-        (
-            "GPU util / peak memory",
-            _fmt(s.get("gpu_util"), ".0f") + " % / " + _fmt(s.get("gpu_mem_gb"), ".1f") + " GB",
-        ),
-        ("best val/acc1", _fmt(s.get("best_val_acc1"), ".2f", 100) + " %"),
-        ("wall time", _fmt(s.get("wall_time_s"), ".1f") + " s"),
-        ("projected for all epochs", _fmt(s.get("projected_wall_time_s"), ".1f") + " s"),
     ]
+    for metric in METRICS:
+        label = f"{metric.label} (median)" if metric.summary == STEADY else metric.label
+        shown = metric.shown(s.get(metric.name))
+        rows.append((label, MISSING if shown is None else f"{metric.format(shown)} {metric.unit}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
@@ -117,11 +94,16 @@ def build_run_report(
     epochs: list[dict],
     container: dict,
     run: dict,
+    batch_size_found: int | None = None,
 ) -> dict:
-    """Config essentials, environment, per-epoch figures and their summary."""
-    from vitrain.models.module import compile_mode
+    """Config essentials, environment, per-epoch figures and their summary.
+
+    The batch is the datamodule's: the one that trained (Lightning's batch-size finder sets it
+    there when tune.batch_size=true; batch_size_found is the finder's answer).
+    """
     from vitrain.perf.environment import capture_environment
 
+    global_batch = trainer.datamodule.batch_size
     config = {
         "model": _choice("model", cfg.model.name),
         "model_name": cfg.model.name,
@@ -134,12 +116,13 @@ def build_run_report(
         "accelerator": trainer.strategy.root_device.type,
         "devices": trainer.num_devices,
         "nodes": trainer.num_nodes,
-        "global_batch": cfg.data.batch_size,
-        "per_device_batch": cfg.data.batch_size // trainer.world_size,
+        "global_batch": global_batch,
+        "per_device_batch": global_batch // trainer.world_size,
+        "batch_size_found": batch_size_found,
         "accumulate_grad_batches": trainer.accumulate_grad_batches,
         "container": container.get("kind"),
         # false, or the torch.compile mode ("default", "max-autotune", ...)
-        "compile": compile_mode(cfg.compile, cfg.trainer.accelerator) or False,
+        "compile": module.hparams.compile or False,
         "max_epochs": trainer.max_epochs,
         "seed": cfg.seed,
         "tags": list(cfg.tags),

@@ -1,4 +1,4 @@
-"""Global batch -> per-device batch, and worker counts for the machine."""
+"""Each device's share: of the global batch, and of the node's CPUs as DataLoader workers."""
 
 import os
 

@@ -1,4 +1,4 @@
-"""Convert an ImageFolder into webdataset tar shards: `python -m vitrain.data.shard SRC DST`.
+"""Convert an ImageFolder into webdataset tar shards: `python -m vitrain.data.write_shards SRC DST`.
 
 SRC/train/<class>/* and SRC/val/<class>/* become DST/train/train-000000.tar ... and DST/val/...,
 each split with an index.json beside its shards: the class names, the shard names and the number of
@@ -23,9 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import webdataset as wds
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from vitrain.data.shards import INDEX_FORMAT, INDEX_NAME, SPLITS
+from vitrain.data.layout import SPLITS, list_split
+from vitrain.data.shards import INDEX_FORMAT, INDEX_NAME
 from vitrain.errors import UserError
 
 # ImageNet JPEGs average ~110 kB: 1000 per shard is ~110 MB, inside webdataset's advice of
@@ -38,27 +38,19 @@ def sample_key(path: str, class_name: str) -> str:
     return f"{class_name}/{Path(path).stem.replace('.', '_')}"
 
 
-def list_split(split_dir: Path, seed: int) -> tuple[list[str], list[tuple[str, int]]]:
+def shuffled_split(split_dir: Path, seed: int) -> tuple[list[str], list[tuple[str, int]]]:
     """The split's class names and its (path, class index) samples in a seeded random order."""
-    if not split_dir.is_dir():
-        raise UserError(
-            f"{split_dir} does not exist: SRC must be an ImageFolder with train/ and val/ class "
-            "folders (SRC/train/<class>/<image files>)."
-        )
-    try:
-        classes, class_to_index = find_classes(str(split_dir))
-        samples = make_dataset(str(split_dir), class_to_index, extensions=IMG_EXTENSIONS)
-    except FileNotFoundError as err:
-        raise UserError(f"{split_dir}: {err}") from None
+    listing = list_split(split_dir)
+    samples = list(listing.samples)
     random.Random(seed).shuffle(samples)
-    return classes, samples
+    return listing.classes, samples
 
 
 def write_split(
     split_dir: Path, out_dir: Path, split: str, shard_size: int, seed: int, read_threads: int = 8
 ) -> dict:
     """Write one split's shards and, last (so that a cut-short conversion has none), its index."""
-    classes, samples = list_split(split_dir, seed)
+    classes, samples = shuffled_split(split_dir, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = []
     seen: set[str] = set()
@@ -96,7 +88,7 @@ def convert(src: Path, dst: Path, shard_size: int = DEFAULT_SHARD_SIZE, seed: in
     """SRC/{train,val} -> DST/{train,val}; returns {split: index}."""
     if shard_size < 1:
         raise UserError(f"--shard-size={shard_size} must be a positive number of samples.")
-    classes = {split: list_split(src / split, seed)[0] for split in SPLITS}
+    classes = {split: list_split(src / split).classes for split in SPLITS}
     if classes["train"] != classes["val"]:
         differ = sorted(set(classes["train"]) ^ set(classes["val"]))[:5]
         raise UserError(
@@ -111,7 +103,7 @@ def convert(src: Path, dst: Path, shard_size: int = DEFAULT_SHARD_SIZE, seed: in
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m vitrain.data.shard",
+        prog="python -m vitrain.data.write_shards",
         description="Convert an ImageFolder (SRC/train, SRC/val) into webdataset tar shards.",
     )
     parser.add_argument("src", type=Path, help="ImageFolder root with train/ and val/")

@@ -1,27 +1,21 @@
-"""The fast CPU input path: encoded image -> uint8 crop in the worker, float work on the device.
+"""data.loader=fast: an encoded image -> a uint8 crop in the worker; the float work happens on the
+device (vitrain.data.on_device).
 
-Per sample, in a DataLoader worker (one core), with the times measured here on 500x375 quality-90
-JPEGs (bench/loader.py's files):
-- decode with libjpeg-turbo through simplejpeg: 0.84 ms, against 0.93-1.0 ms for
-  torchvision.io.decode_jpeg and 1.35 ms for PIL;
-- the RandomResizedCrop box is drawn from the header's size before decoding, by timm's get_params,
-  the pil path's (torchvision's algorithm on python's random: 3 us, not 50 us), so that a crop with
-  room to spare is decoded at 1/2, 1/4 or 1/8 scale in the DCT. Only those: libjpeg-turbo's other
-  M/8 scales took longer than a full decode (1.05-1.3 ms);
-- crop + resize with torch's vectorised antialiased uint8 kernels: 0.35 ms, against 0.8-1.0 ms for
-  PIL's; then the flip, and RandAugment (when configured) on a PIL view of the crop, as timm does.
-The sample stays uint8: 4x fewer bytes to collate, pin and copy. DeviceNormalize turns the batch
-into normalised floats and applies timm's RandomErasing, on the device, from the datamodule's
-on_after_batch_transfer.
+Per sample, in a DataLoader worker: the JPEG header gives the image size; the RandomResizedCrop box
+is drawn from it by timm's get_params (the pil path's draws for the same random state) before
+decoding, so that a crop with room to spare is decoded at 1/2, 1/4 or 1/8 scale in libjpeg-turbo's
+DCT (simplejpeg); then torch's vectorised antialiased uint8 crop + resize, the flip, and
+RandAugment (when configured) on a PIL view of the crop, as timm does. The sample stays uint8: 4x
+fewer bytes to collate, pin and copy. Why each step is the fast one, with the measurements:
+docs/performance.md ("Input pipeline").
 
 Other formats (PNG, GIF, ...) and CMYK/YCCK JPEGs, which libjpeg-turbo cannot turn into RGB, are
 decoded by PIL, then go through the same crop and resize. Every decoder's failure is one of
-images.IMAGE_ERRORS, so that RobustImageFolder's data.on_bad_sample handling sees it.
+bad_samples.IMAGE_ERRORS, so that the bad-sample rule sees it.
 """
 
 import io
 import math
-from pathlib import Path
 
 import numpy as np
 import simplejpeg
@@ -29,12 +23,11 @@ import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image
 from timm.data.auto_augment import rand_augment_transform
-from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torch.nn.functional import interpolate
 from torchvision.transforms import InterpolationMode
 
-from vitrain.data.transforms import pillow13_safe
+from vitrain.data.decode_pil import Encoded, pillow13_safe, read_encoded
 from vitrain.errors import UserError
 
 INTERPOLATIONS = {
@@ -49,14 +42,9 @@ PIL_INTERPOLATIONS = {
 }
 _JPEG_MAGIC = b"\xff\xd8"
 _RGB_DECODABLE = ("Gray", "YCbCr", "RGB")  # simplejpeg's names; CMYK and YCCK go through PIL
-_DCT_SCALES = (8, 4, 2)  # the reduced-scale decodes that are faster than a full one
-
-
-def _read(source: bytes | str | Path) -> bytes:
-    if isinstance(source, bytes | bytearray | memoryview):
-        return bytes(source)
-    with open(source, "rb") as handle:
-        return handle.read()
+# The reduced-scale decodes that are faster than a full one (libjpeg-turbo's other M/8 scales are
+# slower than a full decode: docs/performance.md).
+_DCT_SCALES = (8, 4, 2)
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
@@ -117,7 +105,7 @@ class AugmentationError(RuntimeError):
     pass
 
 
-class SampleTransform:
+class FastSampleTransform:
     """Encoded image (bytes or path) -> uint8 (3, size, size); a class so workers can pickle it."""
 
     def __init__(
@@ -172,8 +160,8 @@ class SampleTransform:
         shape_only = torch.zeros(1).expand(1, height, width)  # no pixels needed, only the size
         return RandomResizedCropAndInterpolation.get_params(shape_only, self.scale, self.ratio)
 
-    def __call__(self, source: bytes | str | Path) -> torch.Tensor:
-        data = _read(source)
+    def __call__(self, source: Encoded) -> torch.Tensor:
+        data = read_encoded(source)
         (height, width), jpeg = _header_size(data)
         if self.training:
             return self._train(data, height, width, jpeg)
@@ -188,7 +176,7 @@ class SampleTransform:
         top, left = round(top * sy), round(left * sx)
         crop_h = max(1, min(round(crop_h * sy), image.shape[1] - top))
         crop_w = max(1, min(round(crop_w * sx), image.shape[2] - left))
-        # torchvision's resized_crop minus its dispatch (40 us): the same kernel, the same pixels.
+        # torchvision's resized_crop minus its per-call dispatch: the same kernel, the same pixels.
         out = interpolate(
             image[None, :, top : top + crop_h, left : left + crop_w],
             size=(self.size, self.size),
@@ -217,51 +205,3 @@ class SampleTransform:
             image, [self.resize_to], interpolation=self.interpolation, antialias=True
         )
         return F.center_crop(resized, [self.size, self.size]).contiguous()
-
-
-# The name the data modules and bench/loader.py build the fast path's per-sample step by:
-# sample_transform(split, image_size, augment, eval_crop_pct, interpolation, mean=...).
-sample_transform = SampleTransform
-
-
-class DeviceRandomErasing:
-    """timm's RandomErasing (pixel mode, one box per image) with probability re_prob, on a
-    normalised float batch wherever it lives (its noise is made on the batch's device)."""
-
-    def __init__(self, re_prob: float) -> None:
-        self.re_prob = re_prob
-        self._erasers: dict[torch.device, RandomErasing] = {}
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if self.re_prob <= 0:
-            return images
-        device = images.device
-        if device not in self._erasers:
-            self._erasers[device] = RandomErasing(
-                self.re_prob, mode="pixel", max_count=1, num_splits=0, device=device
-            )
-        return self._erasers[device](images)
-
-
-class DeviceNormalize:
-    """uint8 (N, 3, H, W) on the device -> float (x / 255 - mean) / std, then, for training batches,
-    timm's RandomErasing (DeviceRandomErasing): the `pil` path's float steps, done on the device."""
-
-    def __init__(self, mean, std, re_prob: float = 0.0) -> None:
-        std_255 = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-        # (x / 255 - mean) / std as one in-place multiply-add: x * scale + bias (10x faster on a
-        # CPU than a broadcast subtract and divide, and the same to float rounding).
-        self.scale = 1.0 / std_255
-        self.bias = -torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0 / std_255
-        self.erase = DeviceRandomErasing(re_prob)
-        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def __call__(self, images: torch.Tensor, training: bool) -> torch.Tensor:
-        if images.dtype != torch.uint8:
-            raise TypeError(f"DeviceNormalize expects uint8 images, got {images.dtype}")
-        device = images.device
-        if device not in self._on_device:  # copied once, not on every batch
-            self._on_device[device] = self.scale.to(device), self.bias.to(device)
-        scale, bias = self._on_device[device]
-        out = images.float().mul_(scale).add_(bias)
-        return self.erase(out) if training else out

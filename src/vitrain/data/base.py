@@ -1,0 +1,194 @@
+"""What every image source shares, in two layers:
+
+ImageDataModule          the dataset facts (root, classes, image size, mean/std, augmentations),
+                         the layout check, the per-device batch and worker sizing, and the
+                         device-side normalise/erase. DALI builds on this alone.
+WorkerDecodedDataModule  + the sources whose samples DataLoader workers decode on the CPU
+                         (ImageFolder files, tar shards): data.loader (fast | pil), the bad-sample
+                         rule, pinning, and the DataLoader settings.
+
+Each source (imagefolder.py, shards.py, dali.py, digits.py) holds only what differs.
+"""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vitrain.data.bad_samples import BadSamplePolicy
+from vitrain.data.batch import Batch, collate_samples
+from vitrain.data.decode_fast import FastSampleTransform
+from vitrain.data.decode_pil import Encoded, PilSampleTransform
+from vitrain.data.layout import SPLITS, Listing, check_classes, list_split
+from vitrain.data.on_device import DeviceAugment
+from vitrain.data.sizing import auto_num_workers, per_device_batch_size
+from vitrain.errors import UserError
+from vitrain.runtime import training_device
+
+LOADERS = ("fast", "pil")
+LAYOUT_FIX = (
+    "point data.root=/path/to/imagenet at a folder with train/ and val/ class folders "
+    "(README 'Training on ImageNet'), or run experiment=quickstart"
+)
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """The facts of an image dataset and what follows from them for every source.
+
+    The constructor's arguments are saved as the datamodule's hyper-parameters, so every
+    checkpoint carries them (Lightning's `datamodule_hyper_parameters`): evaluation and export
+    read the image size, mean/std and eval crop of the run from there.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        batch_size: int,
+        num_workers: int | str,
+        image_size: int,
+        num_classes: int,
+        augment: dict,
+        eval_crop_pct: float,
+        mean: list[float],
+        std: list[float],
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = root
+        self.batch_size = batch_size  # global; Lightning's batch-size finder may change it
+        self.num_workers = num_workers
+        self.image_size = image_size
+        self.num_classes = num_classes
+        self.augment = dict(augment)
+        self.eval_crop_pct = eval_crop_pct
+        self.mean, self.std = list(mean), list(std)
+        self.device_augment = DeviceAugment(self.mean, self.std, self.augment["re_prob"])
+        self._listings: dict[str, Listing] = {}
+
+    # --- the layout ----------------------------------------------------------------------
+    def listing(self, split: str) -> Listing:
+        """root/<split> listed once (ImageFolder, DALI); its errors say which data.root to fix."""
+        if split not in self._listings:
+            try:
+                self._listings[split] = list_split(self.root_path / split)
+            except UserError as err:
+                raise UserError(f"data.root={self.root}: {err}; {LAYOUT_FIX}.") from None
+        return self._listings[split]
+
+    @property
+    def root_path(self) -> Path:
+        return Path(self.root)
+
+    def split_classes(self) -> dict[str, list[str]]:
+        """Each split's class names; sources with another layout (shards) override this."""
+        if not self.root_path.is_dir():
+            raise UserError(f"data.root={self.root} does not exist: {LAYOUT_FIX}.")
+        return {split: self.listing(split).classes for split in SPLITS}
+
+    def check(self) -> None:
+        """Fail before training, naming the value and the fix, if the data is not usable."""
+        check_classes(self.split_classes(), self.num_classes, where=str(self.root))
+
+    # --- sizes -----------------------------------------------------------------------------
+    @property
+    def per_device_batch_size(self) -> int:
+        world_size = self.trainer.world_size if self.trainer else 1
+        return per_device_batch_size(self.batch_size, world_size)
+
+    @property
+    def workers(self) -> int:
+        """data.num_workers, or with `auto` this process's share of the node's CPUs."""
+        if self.num_workers == "auto":
+            return auto_num_workers(self.trainer.num_devices if self.trainer else 1)
+        workers = int(self.num_workers)
+        if workers < 0:
+            raise UserError(
+                f"data.num_workers={self.num_workers} must be 0 (load in the training process), "
+                "a positive number of worker processes, or auto."
+            )
+        return workers
+
+    # --- on the device ---------------------------------------------------------------------
+    def prepare_batch(self, batch: Batch, training: bool) -> Batch:
+        """The batch as the model takes it, once on the device: normalised (the fast path's
+        uint8 images), and erased at random when training."""
+        return batch._replace(images=self.device_augment(batch.images, training))
+
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        training = self.trainer is not None and self.trainer.training
+        return self.prepare_batch(batch, training)
+
+
+class WorkerDecodedDataModule(ImageDataModule):
+    """Sources whose samples DataLoader workers decode: ImageFolder files and tar shards.
+
+    loader: fast (vitrain.data.decode_fast: uint8 crops, normalised on the device) or pil
+    (timm's create_transform on PIL images: the reference). on_bad_sample: the bad-sample rule.
+    pin_memory: page-locked batches for an asynchronous copy, where batches go to a CUDA device.
+    """
+
+    # How to repair one unreadable file of this source, for the bad-sample rule's error.
+    repair = "Remove or replace it"
+
+    def __init__(
+        self,
+        *,
+        loader: str = "fast",
+        pin_memory: bool = True,
+        on_bad_sample: str = "skip",
+        **facts,
+    ) -> None:
+        super().__init__(**facts)
+        if loader not in LOADERS:
+            hint = " (DALI has its own data option: data=imagenet_dali)" if loader == "dali" else ""
+            raise UserError(
+                f"data.loader={loader} is not one of {', '.join(LOADERS)}{hint}: set "
+                "data.loader=fast (the default) or data.loader=pil."
+            )
+        self.loader = loader
+        self.pin_memory = pin_memory
+        self.bad_samples = BadSamplePolicy(on_bad_sample, self.repair)
+        self.datasets: dict[str, Dataset] = {}
+
+    def sample_transform(self, split: str) -> Callable[[Encoded], torch.Tensor]:
+        """Encoded image (a path or its bytes) -> the split's sample, for data.loader."""
+        if self.loader == "fast":
+            return FastSampleTransform(
+                split,
+                self.image_size,
+                self.augment,
+                self.eval_crop_pct,
+                self.augment["interpolation"],
+                mean=tuple(self.mean),
+            )
+        return PilSampleTransform(
+            split, self.image_size, self.augment, self.eval_crop_pct, self.mean, self.std
+        )
+
+    @property
+    def pins_memory(self) -> bool:
+        """data.pin_memory where batches go to a CUDA device: for a CPU run pinning only costs
+        locked memory (and torch warns)."""
+        return bool(self.pin_memory) and training_device(self.trainer).type == "cuda"
+
+    def dataloader(
+        self,
+        dataset: Dataset,
+        loader_class: Callable[..., DataLoader] = DataLoader,
+        **sampling,
+    ) -> DataLoader:
+        """The DataLoader settings every worker-decoded source shares; `sampling` says how
+        this source orders and cuts its samples (shuffle, drop_last)."""
+        workers = self.workers
+        return loader_class(
+            dataset,
+            batch_size=self.per_device_batch_size,
+            num_workers=workers,
+            collate_fn=collate_samples,
+            pin_memory=self.pins_memory,
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+            **sampling,
+        )
