@@ -1,5 +1,6 @@
-"""hparams_search=optuna_deit (README "Sweeps")."""
+"""hparams_search=optuna_deit and the submitit launchers (README "Sweeps")."""
 
+import inspect
 import json
 import os
 import signal
@@ -13,8 +14,10 @@ from conftest import ROOT, compose_config, run_cli
 from omegaconf import OmegaConf
 
 optuna = pytest.importorskip("optuna", reason="needs the sweeps extra: pip install -e .[dev]")
+submitit = pytest.importorskip("submitit", reason="needs the sweeps extra: pip install -e .[dev]")
 
 from hydra_plugins.vitrain_sweeps.optuna_sweeper import resume_study  # noqa: E402
+from hydra_plugins.vitrain_sweeps.submitit_launcher import job_gpus  # noqa: E402
 
 # One epoch of a few batches: each trial or job takes seconds on a CPU.
 SHORT = [
@@ -177,3 +180,202 @@ def test_optuna_search_with_ddp_resumes_after_interruption(tmp_path):
     assert [row.split(" | ")[0] for row in rows] == ["| sweep/0", "| sweep/2"]
     for row, trial in zip(rows, (study.trials[0], study.trials[2]), strict=True):
         assert f"| {100 * trial.value:.2f} |" in row  # best val/acc1, as the study saw it
+
+
+# --- hydra/launcher=slurm and hydra/launcher=local --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("launcher", "executor"), [("slurm", "SlurmExecutor"), ("local", "LocalExecutor")]
+)
+def test_launcher_keys_are_submitit_parameters(tmp_path, launcher, executor):
+    """Each key must reach submitit under a name it knows: the plugin passes its base keys as
+    AutoExecutor's shared parameters and the others prefixed with the executor's name."""
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    cfg = compose_with_hydra(
+        [f"hydra/launcher={launcher}", "trainer.devices=2", f"hydra.sweep.dir={tmp_path}"]
+    )
+    keys = set(cfg.hydra.launcher) - {"_target_", "submitit_folder"}
+    # What submitit's executors accept, read from submitit itself.
+    shared = set(submitit.AutoExecutor._valid_parameters())
+    specific = set(getattr(submitit, executor)._valid_parameters())
+    init_args = set(inspect.signature(getattr(submitit, executor).__init__).parameters)
+    for key in keys:
+        if key in OmegaConf.structured(BaseQueueConf):
+            assert key in shared, key
+        else:
+            assert key in specific or key in init_args, key
+
+
+def test_slurm_launcher_asks_for_what_the_trainer_uses(tmp_path, monkeypatch):
+    """Composed and handed to submitit by the plugin's own launch(): the sbatch script asks for
+    trainer.devices tasks and GPUs on each of trainer.num_nodes nodes."""
+    cfg = compose_with_hydra(
+        [
+            "hydra/launcher=slurm",
+            "strategy=ddp",
+            "trainer.devices=8",
+            "trainer.num_nodes=2",
+            "hydra.launcher.partition=gpu",
+            f"hydra.sweep.dir={tmp_path}",
+        ]
+    )
+    launcher = instantiate_plugin(cfg, "launcher")
+    assert type(launcher).__name__ == "SlurmLauncher"
+
+    class Submitted(Exception):
+        pass
+
+    def map_array(executor, fn, *args):
+        executor.vitrain_jobs = list(zip(*args, strict=True))
+        raise Submitted(executor)
+
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 1))
+    monkeypatch.setattr(submitit.AutoExecutor, "map_array", map_array)
+    with pytest.raises(Submitted) as submitted:
+        launcher.launch([["seed=1"], ["seed=2"]], initial_job_idx=0)
+    executor = submitted.value.args[0]
+    assert [job[2] for job in executor.vitrain_jobs] == [0, 1]  # job numbers
+    script = executor._executor._make_submission_file_text("python -m task", "uid")
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=60",
+        "#SBATCH --signal=USR2@120",
+    ):
+        assert line in script.splitlines(), line
+    assert "srun" in script  # every task is started by srun: one DDP rank each
+
+
+def test_submitit_launchers_need_a_number_of_devices(tmp_path):
+    from omegaconf.errors import InterpolationValidationError
+
+    for launcher in ("slurm", "local"):
+        cfg = compose_with_hydra([f"hydra/launcher={launcher}", f"hydra.sweep.dir={tmp_path}"])
+        with pytest.raises(InterpolationValidationError, match="'auto'"):
+            cfg.hydra.launcher.tasks_per_node  # noqa: B018
+
+
+def test_ddp_ranks_come_from_slurm(tmp_path, monkeypatch):
+    """In a SLURM task (what submitit starts), Lightning takes rank and world size from SLURM_*
+    and starts no processes; the launcher config makes the tasks match the Trainer's devices."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+    from lightning.fabric.utilities import rank_zero
+    from lightning_utilities.core import rank_zero as core_rank_zero
+
+    from vitrain.train import build_trainer
+
+    overrides = ["hydra/launcher=slurm", *SHORT, "strategy=ddp_cpu", f"hydra.sweep.dir={tmp_path}"]
+    launcher = compose_with_hydra(overrides).hydra.launcher
+    tasks, nodes = launcher.tasks_per_node, launcher.nodes
+    assert (tasks, nodes) == (2, 1)
+    slurm = {
+        "SLURM_NTASKS": str(tasks * nodes),
+        "SLURM_NTASKS_PER_NODE": str(tasks),
+        "SLURM_NNODES": str(nodes),
+        "SLURM_PROCID": "1",
+        "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "0",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": launcher.name,
+        "SLURM_NODELIST": "localhost",
+    }
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    for module in (rank_zero, core_rank_zero):  # the Trainer sets the process-wide rank
+        monkeypatch.setattr(module.rank_zero_only, "rank", module.rank_zero_only.rank)
+    trainer = build_trainer(compose_config([*SHORT, "strategy=ddp_cpu"], tmp_path), [], [])
+    environment = trainer.strategy.cluster_environment
+    assert isinstance(environment, SLURMEnvironment)
+    assert environment.creates_processes_externally
+    assert (trainer.world_size, trainer.global_rank, trainer.local_rank) == (2, 1, 1)
+    environment.validate_settings(num_devices=trainer.num_devices, num_nodes=trainer.num_nodes)
+
+
+def test_local_launcher_gives_running_jobs_disjoint_gpus(tmp_path, monkeypatch):
+    cfg = compose_with_hydra(
+        ["hydra/launcher=local", "trainer.devices=2", f"hydra.sweep.dir={tmp_path}"]
+    )
+    launcher = instantiate_plugin(cfg, "launcher")
+    assert type(launcher).__name__ == "SubmititLocalLauncher"
+    # The plugin's launcher it extends (Hydra's plugin scan may have re-imported the module).
+    (LocalLauncher,) = type(launcher).__bases__
+    assert LocalLauncher.__name__ == "LocalLauncher"
+    waves = []
+    monkeypatch.setattr(
+        LocalLauncher, "launch", lambda self, jobs, idx: waves.append((len(jobs), idx)) or jobs
+    )
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,4,5,6,7")  # 5 GPUs: two 2-GPU jobs at a time
+    jobs = [[f"seed={i}"] for i in range(5)]
+    assert launcher.launch(jobs, initial_job_idx=10) == jobs
+    assert waves == [(2, 10), (2, 12), (1, 14)]
+    assert [job_gpus(launcher.gpus, 2, n) for n in (10, 11)] == [["3", "4"], ["5", "6"]]
+    assert job_gpus(launcher.gpus, 2, 13) == ["5", "6"]
+
+    # In the job: its GPUs, and its task's rank in torch.distributed's variables.
+    seen = {}
+    monkeypatch.setattr(LocalLauncher, "__call__", lambda self, *a: seen.update(os.environ))
+    task = {
+        "SUBMITIT_EXECUTOR": "local",
+        "SUBMITIT_LOCAL_JOB_ID": "777",
+        "SUBMITIT_LOCAL_NTASKS": "2",
+        "SUBMITIT_LOCAL_JOB_NUM_NODES": "1",
+        "SUBMITIT_LOCAL_NODEID": "0",
+        "SUBMITIT_LOCAL_GLOBALID": "1",
+        "SUBMITIT_LOCAL_LOCALID": "1",
+    }
+    for key, value in task.items():
+        monkeypatch.setenv(key, value)
+    for key in (
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+    ):
+        monkeypatch.delenv(key, raising=False)
+    launcher(["seed=1"], "hydra.sweep.dir", 13, "job_id_for_13", {})
+    assert seen["CUDA_VISIBLE_DEVICES"] == "5,6"
+    assert (seen["RANK"], seen["LOCAL_RANK"], seen["WORLD_SIZE"]) == ("1", "1", "2")
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with pytest.raises(ValueError, match="asks for 2 GPUs.*has 1"):
+        launcher.launch(jobs, initial_job_idx=0)
+
+
+@pytest.mark.slow
+def test_local_launcher_runs_each_rank_as_a_submitit_task(tmp_path):
+    """2 jobs through submitit's local executor, each DDP on 2 CPU processes that submitit starts
+    as the job's tasks (Lightning starting its own would fail: it would re-run submitit)."""
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        [
+            "-m",
+            "hydra/launcher=local",
+            *SHORT,
+            "strategy=ddp_cpu",
+            "hydra.launcher.timeout_min=10",
+            "seed=1,2",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        tmp_path,
+        env={"OMP_NUM_THREADS": "1"},  # 4 processes on 2 cores
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads((sweep / str(n) / "run_report.json").read_text()) for n in (0, 1)]
+    assert [r["config"]["seed"] for r in reports] == [1, 2]
+    for report in reports:
+        assert report["config"]["strategy"] == "DDPStrategy" and report["config"]["devices"] == 2
+        assert report["run"]["status"] == "finished"
+    # Each job is one submitit job with two task logs; rank 1 ran as task 1.
+    jobs = sorted(p for p in (sweep / ".submitit").iterdir() if p.name.isdigit())
+    assert len(jobs) == 2
+    for job in jobs:
+        assert (job / f"{job.name}_1_log.out").exists()
+        assert "GLOBAL_RANK: 1, MEMBER: 2/2" in (job / f"{job.name}_1_log.err").read_text()
+    assert not list(sweep.rglob("train_ddp_process_*.log"))  # Lightning launched nothing
+    assert not (tmp_path / "logs").exists()
