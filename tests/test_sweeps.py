@@ -309,9 +309,13 @@ def test_local_launcher_gives_running_jobs_disjoint_gpus(tmp_path, monkeypatch):
         LocalLauncher, "launch", lambda self, jobs, idx: waves.append((len(jobs), idx)) or jobs
     )
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,4,5,6,7")  # 5 GPUs: two 2-GPU jobs at a time
+    monkeypatch.setenv("MASTER_PORT", "12345")  # inherited: no job may use it
     jobs = [[f"seed={i}"] for i in range(5)]
     assert launcher.launch(jobs, initial_job_idx=10) == jobs
     assert waves == [(2, 10), (2, 12), (1, 14)]
+    assert sorted(launcher.master_ports) == [10, 11, 12, 13, 14]
+    ports = set(launcher.master_ports.values())
+    assert len(ports) == 5 and 12345 not in ports
     assert [job_gpus(launcher.gpus, 2, n) for n in (10, 11)] == [["3", "4"], ["5", "6"]]
     assert job_gpus(launcher.gpus, 2, 13) == ["5", "6"]
 
@@ -329,17 +333,12 @@ def test_local_launcher_gives_running_jobs_disjoint_gpus(tmp_path, monkeypatch):
     }
     for key, value in task.items():
         monkeypatch.setenv(key, value)
-    for key in (
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "RANK",
-        "LOCAL_RANK",
-        "WORLD_SIZE",
-        "LOCAL_WORLD_SIZE",
-    ):
-        monkeypatch.delenv(key, raising=False)
+    for key in ("MASTER_ADDR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.setenv(key, "")  # recorded, so that teardown removes what the job exports
+        monkeypatch.delenv(key)
     launcher(["seed=1"], "hydra.sweep.dir", 13, "job_id_for_13", {})
     assert seen["CUDA_VISIBLE_DEVICES"] == "5,6"
+    assert seen["MASTER_PORT"] == str(launcher.master_ports[13])
     assert (seen["RANK"], seen["LOCAL_RANK"], seen["WORLD_SIZE"]) == ("1", "1", "2")
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
@@ -363,7 +362,9 @@ def test_local_launcher_runs_each_rank_as_a_submitit_task(tmp_path):
             f"hydra.sweep.dir={sweep}",
         ],
         tmp_path,
-        env={"OMP_NUM_THREADS": "1"},  # 4 processes on 2 cores
+        # 4 processes on 2 cores; an inherited MASTER_PORT must not join one job's ranks to
+        # the other's process group (both jobs run at the same time).
+        env={"OMP_NUM_THREADS": "1", "MASTER_PORT": "29511"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     reports = [json.loads((sweep / str(n) / "run_report.json").read_text()) for n in (0, 1)]

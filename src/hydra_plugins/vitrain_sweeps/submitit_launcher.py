@@ -6,12 +6,13 @@ the job's overrides, and that module is `submitit.core._submit`. So each rank is
 (`tasks_per_node: ${trainer.devices}` in conf/hydra/launcher/). Under SLURM, Lightning's
 SLURMEnvironment reads the ranks from SLURM_*, and the plugin's SlurmLauncher needs nothing more.
 Locally, this launcher exports them as torch.distributed's variables, which Lightning's default
-environment reads. It also gives the jobs that run at the same time disjoint GPUs (submitit's
-local executor would give every job the same ones: Hydra issue 2757), running more jobs than fit
-in consecutive waves.
+environment reads, with a rendezvous port of each job's own. It also gives the jobs that run at
+the same time disjoint GPUs (submitit's local executor would give every job the same ones: Hydra
+issue 2757), running more jobs than fit in consecutive waves.
 """
 
 import os
+import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +35,18 @@ def machine_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports that are free now (all bound at once, then released)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def job_gpus(gpus: Sequence[str], per_job: int, job_num: int) -> list[str]:
     """Job `job_num`'s GPUs when len(gpus) // per_job jobs run at once: any run of that many
     consecutive job numbers (one wave) gets disjoint slices."""
@@ -48,12 +61,18 @@ if LocalLauncher is not None:
 
         def __init__(self, **params: Any) -> None:
             super().__init__(**params)
-            self.gpus: list[str] = []  # set by launch(), pickled into every job with self
+            # Set by launch(), pickled into every job with self.
+            self.gpus: list[str] = []
             self.gpus_per_job = 0
+            self.master_ports: dict[int, int] = {}
 
         def launch(
             self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
         ) -> Sequence[JobReturn]:
+            # Each job's own rendezvous port: jobs run side by side, and one inherited
+            # MASTER_PORT would let a job's ranks join another job's process group.
+            ports = free_ports(len(job_overrides))
+            self.master_ports = {initial_job_idx + i: port for i, port in enumerate(ports)}
             self.gpus_per_job = int(self.params.get("gpus_per_node") or 0)
             self.gpus = machine_gpus() if self.gpus_per_job else []
             if not self.gpus:  # CPU jobs, or a machine without GPUs: all jobs at once
@@ -87,6 +106,7 @@ if LocalLauncher is not None:
             if submitit.JobEnvironment().num_tasks > 1:
                 # MASTER_ADDR/PORT, RANK, LOCAL_RANK, WORLD_SIZE: Lightning then runs this task
                 # as one rank instead of starting its own (LightningEnvironment: LOCAL_RANK set).
+                os.environ["MASTER_PORT"] = str(self.master_ports[job_num])
                 submitit.helpers.TorchDistributedEnvironment().export(
                     set_cuda_visible_devices=False, overwrite=True
                 )
