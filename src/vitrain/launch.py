@@ -25,7 +25,9 @@ def pin_ddp_children_to_this_job() -> bool:
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return False
-    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    # hydra.mode=RUN: a config that sets hydra.mode=MULTIRUN (hparams_search=optuna_deit, as in
+    # the Lightning-Hydra template) would otherwise make every child start a search of its own.
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task, "hydra.mode=RUN"]
     with read_write(hydra_cfg), open_dict(hydra_cfg):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
     return True
