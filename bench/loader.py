@@ -10,6 +10,8 @@ times the training DataLoader of each pipeline with the same workers, batch and 
   pil+randaug   data=imagenet data.loader=pil with data=imagenet's recipe (RandAugment, erasing)
   fast          data=imagenet (data.loader=fast), RandomResizedCrop + flip, no RandAugment
   fast+randaug  data=imagenet as it trains by default (RandAugment, random erasing)
+  pil+3aug, fast+3aug  recipe=deit3's augmentations: 3-Augment + colour jitter 0.3 (timm's 3a
+                policy on PIL for pil; batched on the device for fast), no random erasing
   shards        data=imagenet_shards: the same files in webdataset tar shards, data.loader=fast
   dali          data=imagenet_dali (when nvidia-dali is installed): DALI's GPU decoder where there
                 is a GPU, its CPU backend otherwise, with --workers threads
@@ -57,11 +59,19 @@ from vitrain.train import build_datamodule  # noqa: E402
 WIDTH, HEIGHT, QUALITY = 500, 375, 90
 # Every vitrain row starts from data=imagenet's recipe; the plain rows drop RandAugment and erasing.
 PLAIN = ["data.augment.auto_augment=null", "data.augment.re_prob=0"]
+# recipe=deit3's augmentations: 3-Augment and colour jitter 0.3, no random erasing.
+THREE_AUGMENT = [
+    "data.augment.auto_augment=3a",
+    "data.augment.color_jitter=0.3",
+    "data.augment.re_prob=0",
+]
 PIPELINES: dict[str, list[str]] = {
     "pil": ["data=imagenet", "data.loader=pil", *PLAIN],
     "pil+randaug": ["data=imagenet", "data.loader=pil"],
+    "pil+3aug": ["data=imagenet", "data.loader=pil", *THREE_AUGMENT],
     "fast": ["data=imagenet", *PLAIN],
     "fast+randaug": ["data=imagenet"],
+    "fast+3aug": ["data=imagenet", *THREE_AUGMENT],
     "shards": ["data=imagenet_shards", *PLAIN],
 }
 if importlib.util.find_spec("nvidia") and importlib.util.find_spec("nvidia.dali"):

@@ -47,7 +47,7 @@ from common import compose_config, machine_header, quiet_lightning  # noqa: E402
 
 from vitrain.errors import UserError  # noqa: E402
 from vitrain.models import create_vit  # noqa: E402
-from vitrain.models.recipe import training_loss  # noqa: E402
+from vitrain.models.recipe import learning_rate, training_loss  # noqa: E402
 from vitrain.perf.cpu_memory import keep_freed_memory  # noqa: E402
 from vitrain.perf.flops import training_flops_per_image  # noqa: E402
 from vitrain.perf.peaks import compute_dtype, peak_flops  # noqa: E402
@@ -129,7 +129,7 @@ def run_raw(cfg, warmup: int, steps: int, device: torch.device) -> dict:
     optimizer = create_optimizer_v2(
         model,
         opt=recipe["optimizer"],
-        lr=recipe["base_lr"] * batch / 512,
+        lr=learning_rate(recipe, batch),
         weight_decay=recipe["weight_decay"],
         betas=tuple(recipe["betas"]),
         eps=recipe["eps"],

@@ -242,7 +242,7 @@ def test_device_normalize_has_the_pil_paths_values_and_range():
 
 def test_random_erasing_only_on_training_batches():
     pixels = torch.full((8, 3, 64, 64), 128, dtype=torch.uint8)
-    augment = DeviceAugment(MEAN, STD, re_prob=1.0)
+    augment = DeviceAugment(MEAN, STD, {**PLAIN, "re_prob": 1.0})
     plain = DeviceNormalize(MEAN, STD)(pixels)
     torch.testing.assert_close(augment(pixels, training=False), plain)
     erased = augment(pixels, training=True)
@@ -286,6 +286,7 @@ def test_batches_are_pinned_only_for_a_cuda_device(device, pinned, tmp_path):
     class Trainer:
         strategy = Strategy()
         world_size = 1
+        current_epoch = 0
 
     module.trainer = Trainer()
     module.setup("fit")

@@ -74,3 +74,12 @@ def finish_loggers(loggers: list[Logger]) -> None:
                 print(
                     f"wandb: offline run in {run_dir}; upload it: wandb sync {run_dir}", flush=True
                 )
+
+
+def record_summary(loggers: list[Logger], values: dict[str, float]) -> None:
+    """Run-level figures as wandb summary values (the other loggers have no summary to hold
+    them; run_report.json has them all)."""
+    for logger in loggers:
+        run = started_wandb_run(logger) if isinstance(logger, WandbLogger) else None
+        if run is not None:
+            run.summary.update(values)

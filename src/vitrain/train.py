@@ -22,10 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from vitrain.checkpointing import AtomicCheckpointIO, resume_checkpoint
 from vitrain.container import setup_container
+from vitrain.data.resolution import plan_of
 from vitrain.data.sizing import per_device_batch_size
 from vitrain.errors import Preempted, UserError
 from vitrain.launch import job_environment, pin_ddp_children_to_this_job
-from vitrain.loggers import build_loggers, finish_loggers
+from vitrain.loggers import build_loggers, finish_loggers, record_summary
 from vitrain.models import ViTClassifier
 from vitrain.perf import SpeedMonitor
 from vitrain.report.run_report import (
@@ -88,10 +89,13 @@ def build_callbacks(cfg: DictConfig, with_loggers: bool = True) -> list[Callback
 def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list) -> pl.Trainer:
     check_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
     has_checkpointing = any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks)
+    # A training size (or batch) that changes by epoch: the loaders are rebuilt at each epoch.
+    reload = cfg.trainer.reload_dataloaders_every_n_epochs or int(plan_of(cfg.data).varies)
     try:
         return instantiate(
             cfg.trainer,
             callbacks=callbacks,
+            reload_dataloaders_every_n_epochs=reload,
             logger=loggers or False,
             # Atomic writes: a kill during a save never leaves half a checkpoint in place.
             plugins=[*(cfg.trainer.plugins or []), AtomicCheckpointIO()],
@@ -114,8 +118,12 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
 
 
 def build_module(cfg: DictConfig) -> ViTClassifier:
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    resolution = plan_of(cfg.data)
+    # Trained at other sizes than it evaluates at: the position embedding follows the input.
+    model["dynamic_img_size"] = model.get("dynamic_img_size") or resolution.other_sizes
     return ViTClassifier(
-        model=OmegaConf.to_container(cfg.model, resolve=True),
+        model=model,
         recipe=OmegaConf.to_container(cfg.recipe, resolve=True),
         global_batch_size=cfg.data.batch_size,
         compile=compile_mode(cfg.runtime.compile, cfg.trainer.accelerator),
@@ -126,6 +134,14 @@ def build_module(cfg: DictConfig) -> ViTClassifier:
 def preflight(cfg: DictConfig, trainer: pl.Trainer, module: ViTClassifier) -> None:
     """Checks that need the world size or the model, done before any process is launched."""
     check_output_dir(Path(cfg.paths.output_dir), checkpoint_bytes(module, ema=cfg.recipe.ema))
+    patch = cfg.model.patch_size
+    odd_sizes = [s for s in plan_of(cfg.data).sizes(trainer.max_epochs or 1) if s % patch]
+    if odd_sizes:
+        raise UserError(
+            f"training sizes {odd_sizes} (data.train_image_size, data.resolution_schedule) are "
+            f"not multiples of model.patch_size={patch}: use a multiple of {patch} and a "
+            f"resolution_schedule.step that is one."
+        )
     batch = per_device_batch_size(cfg.data.batch_size, trainer.world_size)
     if module.mixes and batch % 2:
         raise UserError(
@@ -261,3 +277,13 @@ def write_report(cfg, trainer, module, container, started, started_at, status) -
     )
     path = write_json_atomic(redact(report), Path(cfg.paths.output_dir) / REPORT_NAME)
     print(f"\n{format_summary(report)}\n  run report: {path}", flush=True)
+    record_summary(trainer.loggers, summary_values(report["summary"]))
+
+
+def summary_values(summary: dict) -> dict[str, float]:
+    """The run's time to each accuracy target, as flat wandb summary keys."""
+    values = {}
+    for target, reached in (summary.get("time_to_acc") or {}).items():
+        for field, value in (reached or {}).items():
+            values[f"time_to_acc/{float(target):.0%}/{field}"] = value
+    return values

@@ -23,6 +23,7 @@ from vitrain.data.decode_fast import FastSampleTransform
 from vitrain.data.decode_pil import Encoded, PilSampleTransform
 from vitrain.data.layout import SPLITS, Listing, check_classes, list_split
 from vitrain.data.on_device import DeviceAugment
+from vitrain.data.resolution import ResolutionPlan
 from vitrain.data.sizing import auto_num_workers, per_device_batch_size
 from vitrain.errors import UserError
 from vitrain.runtime import training_device
@@ -53,6 +54,9 @@ class ImageDataModule(pl.LightningDataModule):
         eval_crop_pct: float,
         mean: list[float],
         std: list[float],
+        train_image_size: int | None = None,
+        resolution_schedule: dict | None = None,
+        batch_size_schedule: str = "constant",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -64,7 +68,13 @@ class ImageDataModule(pl.LightningDataModule):
         self.augment = dict(augment)
         self.eval_crop_pct = eval_crop_pct
         self.mean, self.std = list(mean), list(std)
-        self.device_augment = DeviceAugment(self.mean, self.std, self.augment["re_prob"])
+        self.device_augment = DeviceAugment(self.mean, self.std, self.augment)
+        self.resolution = ResolutionPlan(
+            image_size,
+            train_image_size or image_size,
+            dict(resolution_schedule) if resolution_schedule else None,
+            batch_size_schedule,
+        )
         self._listings: dict[str, Listing] = {}
 
     # --- the layout ----------------------------------------------------------------------
@@ -93,9 +103,24 @@ class ImageDataModule(pl.LightningDataModule):
 
     # --- sizes -----------------------------------------------------------------------------
     @property
+    def epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer else 0
+
+    @property
+    def world_size(self) -> int:
+        return self.trainer.world_size if self.trainer else 1
+
+    @property
     def per_device_batch_size(self) -> int:
-        world_size = self.trainer.world_size if self.trainer else 1
-        return per_device_batch_size(self.batch_size, world_size)
+        """The evaluation batch per device (and the training one at a constant batch)."""
+        return per_device_batch_size(self.batch_size, self.world_size)
+
+    def global_train_batch(self, epoch: int) -> int:
+        """The global training batch of `epoch` (data.batch_size_schedule)."""
+        return self.resolution.global_batch(self.batch_size, epoch, self.world_size, even=True)
+
+    def train_per_device_batch(self, epoch: int) -> int:
+        return per_device_batch_size(self.global_train_batch(epoch), self.world_size)
 
     @property
     def workers(self) -> int:
@@ -153,19 +178,20 @@ class WorkerDecodedDataModule(ImageDataModule):
         self.datasets: dict[str, Dataset] = {}
 
     def sample_transform(self, split: str) -> Callable[[Encoded], torch.Tensor]:
-        """Encoded image (a path or its bytes) -> the split's sample, for data.loader."""
+        """Encoded image (a path or its bytes) -> the split's sample, for data.loader, at the
+        size the split has now (training: this epoch's)."""
+        size = self.resolution.size(self.epoch) if split == "train" else self.image_size
         if self.loader == "fast":
             return FastSampleTransform(
                 split,
-                self.image_size,
+                size,
                 self.augment,
                 self.eval_crop_pct,
                 self.augment["interpolation"],
                 mean=tuple(self.mean),
             )
-        return PilSampleTransform(
-            split, self.image_size, self.augment, self.eval_crop_pct, self.mean, self.std
-        )
+        crop_pct = self.eval_crop_pct
+        return PilSampleTransform(split, size, self.augment, crop_pct, self.mean, self.std)
 
     @property
     def pins_memory(self) -> bool:
@@ -176,6 +202,7 @@ class WorkerDecodedDataModule(ImageDataModule):
     def dataloader(
         self,
         dataset: Dataset,
+        batch_size: int,
         loader_class: Callable[..., DataLoader] = DataLoader,
         **sampling,
     ) -> DataLoader:
@@ -184,7 +211,7 @@ class WorkerDecodedDataModule(ImageDataModule):
         workers = self.workers
         return loader_class(
             dataset,
-            batch_size=self.per_device_batch_size,
+            batch_size=batch_size,
             num_workers=workers,
             collate_fn=collate_samples,
             pin_memory=self.pins_memory,

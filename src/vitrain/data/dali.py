@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from vitrain.data.augmentation import check_augment
 from vitrain.data.base import ImageDataModule
 from vitrain.data.batch import Batch
 from vitrain.errors import UserError
@@ -334,6 +335,13 @@ class DaliDataModule(ImageDataModule):
             raise UserError(f"data.device={self.device} is not one of {', '.join(DEVICES)}.")
         if self.augment.get("auto_augment"):
             rand_augment_kwargs(self.augment["auto_augment"])  # a bad string fails now
+        check_augment(self.augment, "dali")
+        if self.resolution.varies or self.resolution.batch_size_schedule != "constant":
+            raise UserError(
+                "data=imagenet_dali trains at one size: data.resolution_schedule and "
+                "data.batch_size_schedule need data=imagenet or data=imagenet_shards "
+                "(data.train_image_size works)."
+            )
         super().check()
 
     @property
@@ -374,7 +382,7 @@ class DaliDataModule(ImageDataModule):
             shard_id=rank,
             num_shards=world,
             seed=self.seed,
-            image_size=self.image_size,
+            image_size=self.resolution.size(0) if split == "train" else self.image_size,
             augment=self.augment,
             eval_crop_pct=self.eval_crop_pct,
             mean=self.mean,

@@ -27,6 +27,8 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torch.nn.functional import interpolate
 from torchvision.transforms import InterpolationMode
 
+from vitrain.data import augmentation
+from vitrain.data.augmentation import check_augment
 from vitrain.data.decode_pil import Encoded, pillow13_safe, read_encoded
 from vitrain.errors import UserError
 
@@ -124,8 +126,10 @@ class FastSampleTransform:
                 f"data.augment.interpolation={interpolation} is not one of "
                 f"{', '.join(INTERPOLATIONS)} (data.loader=fast): pick one, or use data.loader=pil."
             )
+        check_augment(augment, "fast")
         self.training = split == "train"
         self.size = image_size
+        self.crop = augmentation.crop(augment)
         self.scale = tuple(augment["scale"])
         self.ratio = tuple(augment["ratio"])
         self.hflip = float(augment["hflip"])
@@ -134,14 +138,8 @@ class FastSampleTransform:
         # bilinear and bicubic are antialiased like PIL's; nearest takes neither option.
         self.smooth = None if interpolation == "nearest" else True
         self.rand_augment = None
-        if self.training and augment.get("auto_augment"):
-            policy = augment["auto_augment"]
-            if not policy.startswith("rand"):
-                raise UserError(
-                    f"data.augment.auto_augment={policy}: data.loader=fast applies RandAugment "
-                    "(rand-...) policies only: use one (e.g. rand-m9-mstd0.5-inc1) or "
-                    "data.loader=pil."
-                )
+        policy = augmentation.rand_augment(augment)  # 3-Augment happens on the device
+        if self.training and policy:
             # The hyper-parameters timm's create_transform gives it.
             self.rand_augment = pillow13_safe(
                 rand_augment_transform(
@@ -167,7 +165,17 @@ class FastSampleTransform:
             return self._train(data, height, width, jpeg)
         return self._eval(data, height, width, jpeg)
 
-    def _train(self, data: bytes, height: int, width: int, jpeg) -> torch.Tensor:
+    def _resize(self, image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        # torchvision's resize minus its per-call dispatch: the same kernel, the same pixels.
+        return interpolate(
+            image[None],
+            size=size,
+            mode=self.interpolation.value,
+            align_corners=None if self.smooth is None else False,
+            antialias=bool(self.smooth),
+        )[0]
+
+    def _random_resized_crop(self, data: bytes, height: int, width: int, jpeg) -> torch.Tensor:
         top, left, crop_h, crop_w = self.crop_box(height, width)
         divisor = _dct_divisor(crop_h, crop_w, self.size, self.size) if jpeg else 1
         image = _decode_rgb(data, jpeg, divisor)
@@ -176,14 +184,26 @@ class FastSampleTransform:
         top, left = round(top * sy), round(left * sx)
         crop_h = max(1, min(round(crop_h * sy), image.shape[1] - top))
         crop_w = max(1, min(round(crop_w * sx), image.shape[2] - left))
-        # torchvision's resized_crop minus its per-call dispatch: the same kernel, the same pixels.
-        out = interpolate(
-            image[None, :, top : top + crop_h, left : left + crop_w],
-            size=(self.size, self.size),
-            mode=self.interpolation.value,
-            align_corners=None if self.smooth is None else False,
-            antialias=bool(self.smooth),
-        )[0]
+        return self._resize(image[:, top : top + crop_h, left : left + crop_w], (self.size,) * 2)
+
+    def _simple_random_crop(self, data: bytes, height: int, width: int, jpeg) -> torch.Tensor:
+        """DeiT III's SRC: the shorter side resized to the image size, a reflective padding of
+        SRC_PADDING px, a random crop of the image size (torchvision's RandomCrop draws)."""
+        short = min(height, width)
+        new_h, new_w = round(self.size * height / short), round(self.size * width / short)
+        divisor = _dct_divisor(height, width, new_h, new_w) if jpeg else 1
+        image = self._resize(_decode_rgb(data, jpeg, divisor), (new_h, new_w))
+        pad = augmentation.SRC_PADDING
+        padded = torch.nn.functional.pad(image[None].float(), (pad,) * 4, mode="reflect")[0]
+        top = int(torch.randint(0, padded.shape[1] - self.size + 1, (1,)))
+        left = int(torch.randint(0, padded.shape[2] - self.size + 1, (1,)))
+        return padded[:, top : top + self.size, left : left + self.size].to(torch.uint8)
+
+    def _train(self, data: bytes, height: int, width: int, jpeg) -> torch.Tensor:
+        if self.crop == "src":
+            out = self._simple_random_crop(data, height, width, jpeg)
+        else:
+            out = self._random_resized_crop(data, height, width, jpeg)
         if self.hflip and torch.rand(1).item() < self.hflip:
             out = out.flip(-1)
         if self.rand_augment is not None:

@@ -8,6 +8,10 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 from timm.data.auto_augment import RandAugment, posterize
+from timm.data.transforms import str_to_interp_mode
+from torchvision import transforms
+
+from vitrain.data.augmentation import SRC_PADDING, check_augment, crop
 
 Encoded = bytes | str | Path  # a file's bytes (shards) or its path (an ImageFolder)
 
@@ -44,25 +48,45 @@ def pillow13_safe(rand_augment: RandAugment) -> RandAugment:
     return rand_augment
 
 
-def train_transform(image_size: int, augment: dict, mean, std):
-    """RandomResizedCrop + flip (+ RandAugment) + normalise. Random erasing is not here: every
-    source erases on the device (vitrain.data.on_device), after the batch is there."""
-    transform = create_transform(
+def simple_random_crop(image_size: int, interpolation: str, hflip: float) -> list:
+    """DeiT III's Simple Random Crop (augment.py): the shorter side resized to the image size,
+    a random crop of it with 4 px of reflective padding, the flip."""
+    return [
+        transforms.Resize(image_size, interpolation=str_to_interp_mode(interpolation)),
+        transforms.RandomCrop(image_size, padding=SRC_PADDING, padding_mode="reflect"),
+        transforms.RandomHorizontalFlip(hflip),
+    ]
+
+
+def train_transform(image_size: int, augment: dict, mean, std) -> transforms.Compose:
+    """timm's training transform: the crop (RandomResizedCrop, or SRC) + flip, the policy
+    (RandAugment, 3-Augment: timm's `3a`) and colour jitter as timm applies them, normalise.
+    Random erasing is not here: every source erases on the device (vitrain.data.on_device)."""
+    check_augment(augment, "pil")
+    primary, secondary, final = create_transform(
         input_size=image_size,
         is_training=True,
         scale=tuple(augment["scale"]),
         ratio=tuple(augment["ratio"]),
         hflip=augment["hflip"],
         auto_augment=augment["auto_augment"],
+        color_jitter=augment.get("color_jitter"),
         re_prob=0.0,
         interpolation=augment["interpolation"],
         mean=tuple(mean),
         std=tuple(std),
+        separate=True,
     )
-    for step in transform.transforms:
+    steps = list(primary.transforms) + list(secondary.transforms) + list(final.transforms)
+    if crop(augment) == "src":
+        steps = simple_random_crop(image_size, augment["interpolation"], augment["hflip"]) + [
+            *secondary.transforms,
+            *final.transforms,
+        ]
+    for step in steps:
         if isinstance(step, RandAugment):
             pillow13_safe(step)
-    return transform
+    return transforms.Compose(steps)
 
 
 def eval_transform(image_size: int, crop_pct: float, interpolation: str, mean, std):

@@ -50,16 +50,23 @@ class ImageFolderDataset(Dataset):
 
 
 class ImageFolderDataModule(WorkerDecodedDataModule):
+    def dataset(self, split: str) -> ImageFolderDataset:
+        return ImageFolderDataset(
+            self.listing(split), self.sample_transform(split), self.bad_samples
+        )
+
     def setup(self, stage: str | None = None) -> None:
         for split in SPLITS:
             if split not in self.datasets:
-                self.datasets[split] = ImageFolderDataset(
-                    self.listing(split), self.sample_transform(split), self.bad_samples
-                )
+                self.datasets[split] = self.dataset(split)
 
     def train_dataloader(self) -> DataLoader:
+        if self.resolution.varies:  # rebuilt every epoch (Lightning reloads): this epoch's size
+            self.datasets["train"] = self.dataset("train")
         # drop_last: timm's Mixup needs equal, even batches.
-        return self.dataloader(self.datasets["train"], shuffle=True, drop_last=True)
+        batch = self.train_per_device_batch(self.epoch)
+        return self.dataloader(self.datasets["train"], batch, shuffle=True, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self.dataloader(self.datasets["val"], shuffle=False, drop_last=False)
+        batch = self.per_device_batch_size
+        return self.dataloader(self.datasets["val"], batch, shuffle=False, drop_last=False)

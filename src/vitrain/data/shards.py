@@ -318,35 +318,41 @@ class ShardsDataModule(WorkerDecodedDataModule):
     def split_classes(self) -> dict[str, list[str]]:
         return {split: self.index(split)["classes"] for split in SPLITS}
 
+    def dataset(self, split: str) -> ShardDataset:
+        return ShardDataset(
+            self.split_url(split),
+            self.index(split),
+            self.sample_transform(split),
+            self.bad_samples,
+            shuffle=split == "train",
+            seed=self.shuffle_seed,
+            buffer_size=self.shuffle_buffer,
+        )
+
     def setup(self, stage: str | None = None) -> None:
         for split in SPLITS:
             if split not in self.datasets:
-                self.datasets[split] = ShardDataset(
-                    self.split_url(split),
-                    self.index(split),
-                    self.sample_transform(split),
-                    self.bad_samples,
-                    shuffle=split == "train",
-                    seed=self.shuffle_seed,
-                    buffer_size=self.shuffle_buffer,
-                )
+                self.datasets[split] = self.dataset(split)
 
     def current_epoch(self) -> int:
-        return self.trainer.current_epoch if self.trainer else 0
+        return self.epoch
 
     def _loader(self, split: str) -> DataLoader:
         training = split == "train"
+        if training and self.resolution.varies:  # rebuilt every epoch: this epoch's size
+            self.datasets[split] = self.dataset(split)
         dataset = self.datasets[split]
+        batch = self.train_per_device_batch(self.epoch) if training else self.per_device_batch_size
         dataset.configure(
             rank=self.trainer.global_rank if self.trainer else 0,
-            world_size=self.trainer.world_size if self.trainer else 1,
-            batch_size=self.per_device_batch_size,
+            world_size=self.world_size,
+            batch_size=batch,
             drop_last=training,  # timm's Mixup needs equal, even batches
         )
         # The dataset already cut whole batches per worker; the DataLoader's drop_last would
         # drop each worker's partial batch, not the rank's.
         epoch_loader = partial(EpochLoader, epoch_of=self.current_epoch)
-        return self.dataloader(dataset, loader_class=epoch_loader, drop_last=False)
+        return self.dataloader(dataset, batch, loader_class=epoch_loader, drop_last=False)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

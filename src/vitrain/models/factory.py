@@ -16,6 +16,8 @@ def create_vit(
     drop_path_rate: float = 0.0,
     grad_checkpointing: bool = False,
     fused_attn: bool = True,
+    init_values: float | None = None,
+    dynamic_img_size: bool = False,
     kwargs: dict | None = None,
 ) -> nn.Module:
     """A timm VisionTransformer built from `name` with the data's image size and classes.
@@ -23,6 +25,8 @@ def create_vit(
     fused_attn: attention through F.scaled_dot_product_attention (flash / memory-efficient
     kernels) instead of timm's explicit softmax(q @ k^T) @ v; set on every attention block, so
     that it does not depend on timm's process-wide default or the TIMM_FUSED_ATTN variable.
+    init_values: LayerScale's initial factor (timm's init_values); dynamic_img_size: any input
+    size, the position embedding resampled to its grid (timm's dynamic_img_size).
     """
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models("*vit*"), n=3)
@@ -44,6 +48,8 @@ def create_vit(
         img_size=img_size,
         patch_size=patch_size,
         drop_path_rate=drop_path_rate,
+        init_values=init_values,
+        dynamic_img_size=dynamic_img_size,
         **(kwargs or {}),
     )
     for module in model.modules():

@@ -15,7 +15,7 @@ from vitrain.data.batch import Batch
 from vitrain.errors import UserError
 from vitrain.faults import skips_nonfinite_loss
 from vitrain.models.factory import create_vit
-from vitrain.models.recipe import recipe_mixes, training_loss
+from vitrain.models.recipe import FUSED_OPTIMIZERS, learning_rate, recipe_mixes, training_loss
 from vitrain.runtime import COMPILE_MODES, training_device
 
 # torch.compile wraps a module as `_orig_mod`; checkpoints written by a wrapped model carry it.
@@ -66,7 +66,9 @@ class ViTClassifier(pl.LightningModule):
         )
         if compile:
             # Module.compile keeps parameter names (no `_orig_mod.`): checkpoints load either way.
-            self.model.compile(mode=compile)
+            # dynamic=False: one static graph per input shape (each training size, the eval
+            # size, a last partial batch) rather than a shape-generic one after the second.
+            self.model.compile(mode=compile, dynamic=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -90,6 +92,12 @@ class ViTClassifier(pl.LightningModule):
             self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=images.shape[0])
         self.train_loss.update(loss.detach())  # a host int as weight would be a host-to-device copy
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        # A batch that changes by epoch: this epoch's first step already takes its learning rate
+        # (Lightning steps the schedule after each update, within the previous epoch).
+        if self._epoch_batches() is not None:
+            self.lr_scheduler_step(self.lr_schedulers(), None)
 
     def on_train_epoch_end(self) -> None:
         self.log("train/loss_epoch", self.train_loss)  # compute(), reduced across ranks, reset
@@ -115,16 +123,22 @@ class ViTClassifier(pl.LightningModule):
 
     @property
     def learning_rate(self) -> float:
-        """base_lr scaled by the images per optimizer update over 512 (the DeiT rule)."""
+        """The recipe's learning rate for the images per optimizer update (models/recipe.py)."""
         trainer = lightning_internals.attached_trainer(self)
         accumulate = trainer.accumulate_grad_batches if trainer else 1
-        return self.recipe["base_lr"] * self.global_batch_size * accumulate / 512
+        return learning_rate(self.recipe, self.global_batch_size * accumulate)
 
     def configure_optimizers(self) -> dict:
         recipe = self.recipe
         fused = recipe["fused"]
-        if fused is None:
-            fused = training_device(lightning_internals.attached_trainer(self)).type == "cuda"
+        if fused is None:  # a fused kernel where torch has one: AdamW on CUDA
+            cuda = training_device(lightning_internals.attached_trainer(self)).type == "cuda"
+            fused = cuda and recipe["optimizer"] in FUSED_OPTIMIZERS
+        elif fused and recipe["optimizer"] not in FUSED_OPTIMIZERS:
+            raise UserError(
+                f"recipe.fused=true, but recipe.optimizer={recipe['optimizer']} has no fused "
+                f"kernel ({', '.join(FUSED_OPTIMIZERS)} have): set recipe.fused=null."
+            )
         # timm leaves out of weight decay: 1-d parameters (norms, biases) and no_weight_decay()
         # (position embedding, class token).
         optimizer = create_optimizer_v2(
@@ -136,7 +150,7 @@ class ViTClassifier(pl.LightningModule):
             eps=recipe["eps"],
             **({"fused": True} if fused else {}),
         )
-        total_updates = self.trainer.estimated_stepping_batches
+        total_updates = self.trainer.estimated_stepping_batches * self._batches_vs_epoch_0()
         if total_updates == float("inf"):
             raise UserError(
                 "trainer.max_epochs and trainer.max_steps are both unbounded: the cosine schedule "
@@ -162,6 +176,39 @@ class ViTClassifier(pl.LightningModule):
     def lr_scheduler_step(self, scheduler: CosineLRScheduler, metric: Any) -> None:
         # timm schedulers are not torch LRSchedulers: they take the update count.
         scheduler.step_update(num_updates=self.global_step)
+        factor = self._batch_lr_factor()
+        if factor != 1.0:  # step_update set each group's lr afresh: scaling it never compounds
+            for group in scheduler.optimizer.param_groups:
+                group["lr"] *= factor
+
+    def _epoch_batches(self) -> tuple[list[int], int] | None:
+        """(global training batch of every epoch, the schedule's reference batch) when the
+        datamodule's batch changes by epoch (data.batch_size_schedule=scale_tokens), else None."""
+        trainer = lightning_internals.attached_trainer(self)
+        datamodule = trainer.datamodule if trainer else None
+        batch_of = getattr(datamodule, "global_train_batch", None)
+        if batch_of is None or datamodule.resolution.batch_size_schedule == "constant":
+            return None
+        epochs = max(trainer.max_epochs or 1, 1)
+        return [batch_of(epoch) for epoch in range(epochs)], datamodule.batch_size
+
+    def _batch_lr_factor(self) -> float:
+        """The learning rate follows a batch that changes by epoch (the schedule was built for
+        data.batch_size); with lr_scaling=none it does not."""
+        batches = self._epoch_batches()
+        if batches is None or self.recipe.get("lr_scaling", "linear") != "linear":
+            return 1.0
+        per_epoch, reference = batches
+        return per_epoch[min(self.trainer.current_epoch, len(per_epoch) - 1)] / reference
+
+    def _batches_vs_epoch_0(self) -> float:
+        """Lightning counts the schedule's updates with epoch 0's batch; a batch that changes by
+        epoch changes the count of updates (in proportion to 1 / batch, to the nearest batch)."""
+        batches = self._epoch_batches()
+        if batches is None:
+            return 1.0
+        per_epoch, _ = batches
+        return sum(per_epoch[0] / batch for batch in per_epoch) / len(per_epoch)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Accept checkpoints written by a model wrapped with torch.compile(model).

@@ -11,6 +11,8 @@ summarises them, its printed summary and `python -m vitrain.report` show them fr
 | data_wait_frac | perf/data_wait_frac | data wait (%) | median after the first |
 | mfu | perf/mfu | MFU (%) | median after the first |
 | first_step_s | perf/first_step_s | first step (s) | the one value (start-up, compilation) |
+| resize_step_s | perf/resize_step_s | first step at a new size (s) | the largest |
+| image_size | perf/image_size | training size (px) | the last |
 | gpu_util | perf/gpu_util | GPU util (%) | median after the first |
 | gpu_power_w | perf/gpu_power_w | GPU power (W) | median after the first |
 | gpu_mem_gb | perf/gpu_mem_gb | peak GPU mem (GB) | the largest |
@@ -27,6 +29,7 @@ from typing import Any
 # How run_report.json summarises a metric over the epochs.
 STEADY = "median after the first epoch"  # the first pays start-up, compilation and warm-up
 FIRST = "the first value"
+LAST = "the last value"
 LARGEST = "the largest value"
 RUN = "computed for the whole run"
 
@@ -75,6 +78,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("data_wait_frac", "perf/data_wait_frac", "data wait", "%", STEADY, scale=100.0),
     Metric("mfu", "perf/mfu", "MFU", "%", STEADY, scale=100.0, compared=True),
     Metric("first_step_s", "perf/first_step_s", "first step", "s", FIRST, compared=True),
+    Metric("resize_step_s", "perf/resize_step_s", "first step at a new size", "s", LARGEST),
+    Metric("image_size", "perf/image_size", "training size", "px", LAST, ".0f"),
     Metric("gpu_util", "perf/gpu_util", "GPU util", "%", STEADY, ".0f", compared=True),
     Metric("gpu_power_w", "perf/gpu_power_w", "GPU power", "W", STEADY, ".0f"),
     Metric("gpu_mem_gb", "perf/gpu_mem_gb", "peak GPU mem", "GB", LARGEST, compared=True),

@@ -49,9 +49,14 @@ class SpeedMonitor(pl.Callback):
     `perf/first_step_s` is the price of starting: from the start of training to the end of the
     first step, device synchronised (worker start-up, the first batch, CUDA/cuDNN set-up and
     torch.compile's compilation), logged with the figures of the epoch it falls in.
+    `perf/image_size` is the epoch's training size; FLOPs per image and MFU are those of that
+    size. When the size changes (data.resolution_schedule), `perf/resize_step_s` times the first
+    step at the new size, device synchronised at both ends (a compiled model compiles it then).
 
     model: the model config (conf/model), for the FLOPs per image behind MFU; None: no MFU.
-    The keys it logs and how the run report summarises them: vitrain.perf.metrics.
+    The keys it logs and how the run report summarises them: vitrain.perf.metrics. Each epoch's
+    record in `history` also holds `images_seen` and `elapsed_s` (since the start of training)
+    up to that epoch's end, which time-to-accuracy is computed from.
     """
 
     def __init__(
@@ -64,7 +69,7 @@ class SpeedMonitor(pl.Callback):
         self.nvml_interval_s = nvml_interval_s
         self.data_wait_warning = data_wait_warning
         self.history: list[dict[str, Any]] = []
-        self.flops_per_image: float | None = None
+        self._flops_at: dict[int, float] = {}  # FLOPs per training image, by image size
         self.peak_flops_per_device: float | None = None
         self.device_name: str | None = None
         self._sampler: NvmlSampler | None = None
@@ -72,6 +77,8 @@ class SpeedMonitor(pl.Callback):
         self._train_start: float | None = None
         self.first_step_s: float | None = None
         self._first_step_logged = False
+        self._images_seen = 0.0
+        self._last_size: int | None = None  # the training size of the previous epoch
 
     # --- set-up ---------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -86,8 +93,14 @@ class SpeedMonitor(pl.Callback):
                 self._sampler = NvmlSampler(reader, self.nvml_interval_s)
                 self._sampler.pause()
                 self._sampler.start()
-        if self.model_cfg is not None:
-            self.flops_per_image = training_flops_per_image(self.model_cfg)
+
+    def flops_per_image(self, size: int) -> float | None:
+        """Training FLOPs of one image at `size` (counted once per size), None without a model."""
+        if self.model_cfg is None:
+            return None
+        if size not in self._flops_at:
+            self._flops_at[size] = training_flops_per_image({**self.model_cfg, "img_size": size})
+        return self._flops_at[size]
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._sampler is not None:
@@ -120,10 +133,18 @@ class SpeedMonitor(pl.Callback):
         self._images = 0
         self._step_times: list[float] = []
         self._epoch_start = time.perf_counter()
+        self._epoch_size: int | None = None
+        self._resize_start: float | None = None
+        self.resize_step_s: float | None = None
         self._open_segment(trainer)
 
-    def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer, pl_module, batch: Batch, batch_idx: int) -> None:
         self._wait_time += time.perf_counter() - self._last_batch_end
+        if self._epoch_size is None:
+            self._epoch_size = batch.images.shape[-1]  # a shape: no sync
+            if self._last_size is not None and self._epoch_size != self._last_size:
+                # Two synchronisations, at the first step of a new size only.
+                self._resize_start = synchronized_now(trainer)
 
     def on_train_batch_end(
         self, trainer, pl_module, outputs: Any, batch: Batch, batch_idx: int
@@ -136,6 +157,9 @@ class SpeedMonitor(pl.Callback):
         if self.first_step_s is None and self._train_start is not None:
             # The run's one synchronisation inside the loop, after its first step.
             self.first_step_s = synchronized_now(trainer) - self._train_start
+        if self._resize_start is not None:
+            self.resize_step_s = synchronized_now(trainer) - self._resize_start
+            self._resize_start = None
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._in_epoch:
@@ -163,14 +187,20 @@ class SpeedMonitor(pl.Callback):
         ranks = [dict(zip(_GATHERED, r, strict=True)) for r in ranks]
         if not any(r["images"] for r in ranks):
             return  # an epoch end replayed on resume from a checkpoint written before it
-        perf = self.epoch_figures(ranks, self._step_times)
+        perf = self.epoch_figures(ranks, self._step_times, self._epoch_size)
         if self.first_step_s is not None and not self._first_step_logged:
             perf[key("first_step_s")] = self.first_step_s  # rank 0's (all ranks start together)
             self._first_step_logged = True
+        if self.resize_step_s is not None:
+            perf[key("resize_step_s")] = self.resize_step_s
+        self._last_size = self._epoch_size
+        self._images_seen += sum(r["images"] for r in ranks)
         record = {
             "epoch": trainer.current_epoch,
             "global_step": trainer.global_step,
             "epoch_wall_s": time.perf_counter() - self._epoch_start,
+            "images_seen": self._images_seen,
+            "elapsed_s": time.perf_counter() - self._train_start if self._train_start else None,
             **perf,
             **_scalar_metrics(trainer, prefix="val/"),
         }
@@ -190,8 +220,10 @@ class SpeedMonitor(pl.Callback):
                 "file system, or use data=synthetic to see the compute-bound speed."
             )
 
-    def epoch_figures(self, ranks: list[dict[str, float]], step_times: list[float]) -> dict:
-        """Reduce the ranks' counts into the logged `perf/*` figures."""
+    def epoch_figures(
+        self, ranks: list[dict[str, float]], step_times: list[float], size: int | None = None
+    ) -> dict:
+        """Reduce the ranks' counts into the logged `perf/*` figures of an epoch at `size`."""
         world = len(ranks)
         epoch_time = max(r["train_time"] for r in ranks)
         images = sum(r["images"] for r in ranks)
@@ -211,10 +243,11 @@ class SpeedMonitor(pl.Callback):
             figures["gpu_util"] = statistics.fmean(r["gpu_util"] for r in ranks)
             figures["gpu_mem_gb"] = max(r["gpu_mem_gb"] for r in ranks)
             figures["gpu_power_w"] = statistics.fmean(r["gpu_power_w"] for r in ranks)
-        if self.flops_per_image and self.peak_flops_per_device:
-            figures["mfu"] = mfu(
-                self.flops_per_image, images_per_s, self.peak_flops_per_device, world
-            )
+        if size is not None:
+            figures["image_size"] = size
+            flops = self.flops_per_image(size)
+            if flops and self.peak_flops_per_device:
+                figures["mfu"] = mfu(flops, images_per_s, self.peak_flops_per_device, world)
         return {key(name): value for name, value in figures.items()}
 
     def _backfill_epoch_metrics(self, trainer: pl.Trainer) -> None:

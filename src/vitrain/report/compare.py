@@ -32,6 +32,23 @@ from vitrain.report.run_report import MISSING, REPORT_NAME
 SINGLE_RUN_SETTINGS = ("model", "precision", "devices")
 COLUMNS = {metric.column: metric for metric in COMPARED}  # CSV column -> its metric
 SPEEDUP = "speedup"
+TIME_TO = "time_to_"  # time_to_<percent>_s: wall seconds until val/acc1 first reached it
+
+
+def accuracy_columns(reports: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """time_to_<percent>_s -> its target, for each accuracy target any report recorded."""
+    targets = {
+        float(target)
+        for report in reports
+        for target in ((report.get("summary") or {}).get("time_to_acc") or {})
+    }
+    return {f"{TIME_TO}{target * 100:g}_s": target for target in sorted(targets)}
+
+
+def time_to(summary: dict[str, Any], target: float) -> float | None:
+    """Wall seconds until val/acc1 first reached `target`; None when never (or not recorded)."""
+    reached = (summary.get("time_to_acc") or {}).get(f"{target:g}")
+    return _number(reached.get("wall_s")) if reached else None
 
 
 class ReportError(UserError):
@@ -172,6 +189,8 @@ def compare(reports: Sequence[dict[str, Any]], baseline: str | None = None) -> C
 
     labels = {k: k for k in settings} | ({"run": "run"} if show_run else {})
     labels |= {column: metric.header for column, metric in COLUMNS.items()}
+    accuracy = accuracy_columns(reports)
+    labels |= {column: f"time to {target * 100:g} % (s)" for column, target in accuracy.items()}
     labels[SPEEDUP] = "speed-up"
     rows = []
     for config, report in zip(configs, reports, strict=True):
@@ -181,6 +200,8 @@ def compare(reports: Sequence[dict[str, Any]], baseline: str | None = None) -> C
             row["run"] = _run_name(report)
         for column, metric in COLUMNS.items():
             row[column] = metric.shown(_number(summary.get(metric.name)))
+        for column, target in accuracy.items():
+            row[column] = time_to(summary, target)
         rows.append(row)
     base_ips = rows[base]["images_per_s"]
     for row in rows:
@@ -188,6 +209,11 @@ def compare(reports: Sequence[dict[str, Any]], baseline: str | None = None) -> C
         row[SPEEDUP] = ips / base_ips if ips is not None and base_ips else None
     described = baseline or run_labels[base] or "the first run"
     notes.insert(0, f"speed-up = images/s / images/s of row {base + 1} ({described})")
+    if accuracy:
+        notes.append(
+            "time to X %: wall seconds from the start of training until val/acc1 first reached "
+            f"X ({MISSING}: not reached)"
+        )
     return Comparison(settings, list(labels), labels, rows, run_labels, base, notes)
 
 
@@ -197,6 +223,8 @@ def format_value(key: str, value: Any) -> str:
         return MISSING if value is None else f"{value:.2f}x"
     if key in COLUMNS:
         return COLUMNS[key].format(value, MISSING)
+    if key.startswith(TIME_TO):
+        return MISSING if value is None else f"{value:.1f}"
     return MISSING if value is None else setting_str(value)
 
 
@@ -208,7 +236,7 @@ def to_markdown(comparison: Comparison) -> str:
         return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
     # Settings are text (left-aligned); numbers are right-aligned so digits line up.
-    numeric = {*COLUMNS, SPEEDUP}
+    numeric = {*COLUMNS, SPEEDUP, *(k for k in c.keys if k.startswith(TIME_TO))}
     out = [line(c.labels[k] for k in c.keys)]
     out.append("|" + "|".join("---:" if k in numeric else "---" for k in c.keys) + "|")
     out += [line(format_value(k, row[k]) for k in c.keys) for row in c.rows]

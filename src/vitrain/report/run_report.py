@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from vitrain.perf.metrics import FIRST, LARGEST, METRICS, STEADY
+from vitrain.perf.metrics import FIRST, LARGEST, LAST, METRICS, STEADY, key
 
 SCHEMA = 1
 REPORT_NAME = "run_report.json"
@@ -22,13 +22,42 @@ def _over_epochs(epochs: list[dict], key: str, how: str) -> float | None:
         return statistics.median(values[1:] if len(values) > 1 else values)
     if how == FIRST:
         return values[0]
+    if how == LAST:
+        return values[-1]
     if how == LARGEST:
         return max(values)
     raise ValueError(f"no per-epoch summary '{how}'")
 
 
-def summarize(epochs: list[dict], max_epochs: int | None, wall_time_s: float) -> dict[str, Any]:
-    """The summary of run_report.json: each metric of vitrain.perf.metrics, as it says."""
+def time_to_accuracy(epochs: list[dict], targets: list[float]) -> dict[str, dict | None]:
+    """For each target, when val/acc1 first reached it: the epoch, the wall time since the start
+    of training (validation and checkpoints included), the training time (the epochs' loops
+    alone) and the training images seen until then; None when the run never reached it."""
+    reached: dict[str, dict | None] = {}
+    for target in sorted(targets):
+        train_s, found = 0.0, None
+        for epoch in epochs:
+            train_s += epoch.get(key("epoch_time_s"), 0.0)
+            if epoch.get("val/acc1", -1.0) >= target:
+                found = {
+                    "epoch": epoch["epoch"],
+                    "wall_s": epoch.get("elapsed_s"),
+                    "train_s": train_s,
+                    "images": epoch.get("images_seen"),
+                }
+                break
+        reached[f"{target:g}"] = found
+    return reached
+
+
+def summarize(
+    epochs: list[dict],
+    max_epochs: int | None,
+    wall_time_s: float,
+    acc_targets: list[float] = (),
+) -> dict[str, Any]:
+    """The summary of run_report.json: each metric of vitrain.perf.metrics, as it says, and the
+    time to each accuracy target."""
     summary: dict[str, Any] = {"epochs_run": len(epochs)}
     for metric in METRICS:
         if metric.key is not None:
@@ -41,6 +70,8 @@ def summarize(epochs: list[dict], max_epochs: int | None, wall_time_s: float) ->
         overhead = max(wall_time_s - sum(walls), 0.0)  # start-up, sanity check, teardown
         later = statistics.median(walls[1:]) if len(walls) > 1 else walls[0]
         summary["projected_wall_time_s"] = overhead + walls[0] + later * (max_epochs - 1)
+    if acc_targets:
+        summary["time_to_acc"] = time_to_accuracy(epochs, list(acc_targets))
     return summary
 
 
@@ -68,6 +99,14 @@ def format_summary(report: dict) -> str:
         label = f"{metric.label} (median)" if metric.summary == STEADY else metric.label
         shown = metric.shown(s.get(metric.name))
         rows.append((label, MISSING if shown is None else f"{metric.format(shown)} {metric.unit}"))
+    for target, reached in (s.get("time_to_acc") or {}).items():
+        when = "not reached"
+        if reached:
+            when = (
+                f"{reached['wall_s']:.1f} s (epoch {reached['epoch']}, "
+                f"{reached['train_s']:.1f} s training, {reached['images']:,.0f} images)"
+            )
+        rows.append((f"time to {float(target):.0%} val/acc1", when))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
@@ -134,5 +173,7 @@ def build_run_report(
         "overrides": _overrides(),
         "environment": capture_environment(cfg.paths.root_dir, container),
         "epochs": epochs,
-        "summary": summarize(epochs, trainer.max_epochs, run["wall_time_s"]),
+        "summary": summarize(
+            epochs, trainer.max_epochs, run["wall_time_s"], cfg.perf.get("acc_targets") or ()
+        ),
     }
