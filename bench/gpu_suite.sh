@@ -3,6 +3,12 @@
 # OUT (default: bench-results/) as it ends, so a cut-off run keeps what it finished.
 #
 #   STAGES   which stages, run in the order given (default: all, in this order):
+#     realdata  issue 17's first figure: REAL_IMAGES (20,000) ImageNet-like 500x375 JPEGs in 100
+#               classes made with every CPU, then REAL_MODELS (vit_b16,vit_s16) bf16 through
+#               `python train.py data=imagenet` (fast loader, DeiT recipe, data.num_workers=auto,
+#               runtime.compile=auto) for REAL_EPOCHS (3) epochs, each beside the same run on
+#               data=synthetic, one report table; then bench/loader.py with 1 and all workers:
+#               images/s per core, hence the cores each model needs to be compute-bound
 #     tests     pytest -m gpu (no host-device sync: eager and compiled)
 #     eager     the README table's eager rows: MODELS in bf16-mixed and 16-mixed
 #     compiled  its compiled rows (runtime.compile=default)
@@ -13,28 +19,36 @@
 #               the smallest model's step is the one launch overhead shows in
 #     finder    tune.batch_size=true on B16 bf16 (Lightning's BatchSizeFinder, a few steps)
 #     loader    bench/loader.py on this machine's CPUs, normalised on the GPU
-#   MODELS / BATCH / STEPS / REPEATS / LOADER_* / FINDER_ARGS (overrides) shrink or grow it
-#   (MODELS=vit_micro: a dry run on a CPU). tests..switches and loader took 8 min 10 s on an H200;
-#   mfu, autotune, cudagraphs, finder and the compiled and reduce-overhead GPU tests have not run
-#   on a GPU yet. What docs/performance.md still lacks, in order of need, in calls of under 10
-#   minutes each:
+#     resolutions  issue 15: B16 bf16 compiled on synthetic batches at 160, 192 and 224 px
+#               (images/s, MFU), and one run with a 160 -> 192 px schedule (perf/resize_step_s:
+#               the first step at a new size, its compilation included)
+#   MODELS / BATCH / STEPS / REPEATS / LOADER_* / FINDER_ARGS / REAL_* / RES_* (overrides) shrink
+#   or grow it (a dry run on a CPU: bench/gpu_suite_dry_run.sh). tests..switches and loader took
+#   8 min 10 s on an H200; realdata, mfu, autotune, cudagraphs, finder, resolutions and the
+#   compiled and reduce-overhead GPU tests have not run on a GPU yet. What is still missing, in
+#   order of need, in calls of under 10 minutes each:
+#     STAGES=realdata bench/gpu_suite.sh          (issue 17 point 1)
 #     STAGES=mfu,tests bench/gpu_suite.sh
 #     STAGES=compiled,autotune MODELS=vit_s16,vit_l16 B16=vit_b16 bench/gpu_suite.sh
 #     STAGES=cudagraphs,finder bench/gpu_suite.sh
+#     STAGES=resolutions bench/gpu_suite.sh       (issue 15; after realdata: it reuses its JPEGs)
 #   On a GPU machine with torch, Lightning and torchmetrics but not the rest, install the other
 #   dependencies that the suite and the test modules import (hydra-core, omegaconf,
-#   antlr4-python3-runtime, timm, simplejpeg, webdataset, braceexpand) from wheels and put src/
+#   antlr4-python3-runtime, timm, simplejpeg, webdataset, braceexpand; for pytest's collection of
+#   the gpu test files also none more) from wheels and put src/
 #   on the path, e.g. pip install --no-deps --target /tmp/site wheels/*.whl &&
 #   PYTHONPATH=/tmp/site:$PWD/src bench/gpu_suite.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-results}
-STAGES=${STAGES:-tests,eager,compiled,switches,mfu,autotune,cudagraphs,finder,loader}
+STAGES=${STAGES:-realdata,tests,eager,compiled,switches,mfu,autotune,cudagraphs,finder,loader,resolutions}
 MODELS=${MODELS:-vit_s16,vit_b16,vit_l16}
 BATCH=${BATCH:-256}
 STEPS=${STEPS:-20}
 REPEATS=${REPEATS:-1}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-300}
+REAL_MODELS=${REAL_MODELS:-vit_b16,vit_s16}
+RES_SIZES=${RES_SIZES:-160,192,224}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -52,9 +66,59 @@ bench() {  # name, then bench/throughput.py's arguments (later ones win: --batch
     --steps "$STEPS" --repeats "$REPEATS" --json "$OUT/$name.json" "$@" 2>&1 | grep -v "^  vit"
 }
 
+train() {  # run directory name, then train.py's overrides; keeps its run_report.json in OUT
+  local name=$1
+  shift
+  local dir
+  dir=$(mktemp -d)
+  echo "== train $name: $*"
+  timeout "$BENCH_TIMEOUT" "$PYTHON" train.py "$@" logger=csv callbacks=base \
+    trainer.enable_progress_bar=false "hydra.run.dir=$dir" >"$dir/log" 2>&1 ||
+    { echo "   failed:"; tail -5 "$dir/log"; }
+  mkdir -p "$OUT/runs/$name"
+  [[ -f $dir/run_report.json ]] && cp "$dir/run_report.json" "$OUT/runs/$name/"
+  rm -rf "$dir"
+}
+
+stage_realdata() {
+  local root=${REAL_ROOT:-/tmp/vitrain-jpegs} images=${REAL_IMAGES:-20000} m
+  local classes=${REAL_CLASSES:-100}
+  "$PYTHON" bench/loader.py --make-only --images "$images" --classes "$classes" --root "$root"
+  for m in ${REAL_MODELS//,/ }; do
+    # shellcheck disable=SC2086  # REAL_ARGS: more overrides, split on spaces
+    local common=("model=$m" trainer.precision=bf16-mixed "data.batch_size=$BATCH"
+      "trainer.max_epochs=${REAL_EPOCHS:-3}" "data.num_classes=$classes" ${REAL_ARGS:-})
+    train "$m-imagenet" data=imagenet "data.root=$root" "${common[@]}"
+    train "$m-synthetic" data=synthetic "data.train_batches=$((images / BATCH))" \
+      data.val_batches=2 "${common[@]}"
+  done
+  "$PYTHON" -m vitrain.report "$OUT/runs" 2>&1
+  timeout "$BENCH_TIMEOUT" "$PYTHON" bench/loader.py --root "$root" --images "$images" \
+    --classes "$classes" --batch "$BATCH" --workers "1,$(nproc)" --repeats 1 \
+    --pipelines baseline,fast,fast+randaug,fast+3aug 2>&1
+}
+
+stage_resolutions() {
+  local size
+  # shellcheck disable=SC2086  # RES_ARGS: more overrides, split on spaces
+  for size in ${RES_SIZES//,/ }; do
+    train "$B16-$size" "model=$B16" data=synthetic "data.image_size=$size" \
+      trainer.precision=bf16-mixed "data.batch_size=$BATCH" trainer.max_epochs=3 \
+      data.train_batches="$STEPS" data.val_batches=1 ${RES_ARGS:-}
+  done
+  # shellcheck disable=SC2086
+  train "$B16-schedule" "model=$B16" data=imagenet "data.root=${REAL_ROOT:-/tmp/vitrain-jpegs}" \
+    "data.num_classes=${REAL_CLASSES:-100}" trainer.precision=bf16-mixed "data.batch_size=$BATCH" \
+    trainer.max_epochs=3 "trainer.limit_train_batches=$STEPS" trainer.limit_val_batches=1 \
+    "data.resolution_schedule={start: ${RES_SIZES%%,*}, end: ${RES_SIZES##*,}, start_epoch: 0, end_epoch: 2, step: ${RES_STEP:-32}}" \
+    ${RES_ARGS:-}
+  "$PYTHON" -m vitrain.report "$OUT/runs" 2>&1
+}
+
 stage_tests() {
   echo "== tests marked gpu"
-  timeout 300 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tail -15
+  timeout 300 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests/test_speed.py \
+    tests/test_loader.py tests/test_recipes.py 2>&1 | tail -15
 }
 stage_eager() { bench eager --models "$MODELS" --precisions bf16-mixed,16-mixed --compile off; }
 stage_compiled() {
@@ -96,8 +160,8 @@ stage_loader() {
 
 for name in ${STAGES//,/ }; do
   if ! declare -F "stage_$name" >/dev/null; then
-    echo "STAGES: no stage '$name' (tests, eager, compiled, switches, mfu, autotune, cudagraphs," \
-      "finder, loader)"
+    echo "STAGES: no stage '$name' (realdata, tests, eager, compiled, switches, mfu, autotune," \
+      "cudagraphs, finder, loader, resolutions)"
     exit 2
   fi
 done

@@ -22,8 +22,11 @@ is composed from conf/ with the row's overrides (PIPELINES), the datamodule is v
 build_datamodule, and each batch goes through the datamodule's own device step (prepare_batch:
 normalisation of uint8 batches and random erasing, on the GPU where there is one, else here).
 The time of a batch counts until it is on the device and prepared. Each measurement starts fresh
-workers, skips --warmup batches, then times --batches batches; pipelines run in alternating order
-(a b c ... c b a) for --repeats rounds and the table gives the medians.
+workers, skips --warmup batches, then times --batches batches; then --batches more from the
+loader alone (what the workers deliver per second: the pipeline's rate wherever the device step
+keeps up, as on a GPU) and the device step alone on one batch (ms per image: on a CPU-only
+machine the main process does it, on the cores the workers also need). Pipelines run in
+alternating order (a b c ... c b a) for --repeats rounds and the table gives the medians.
 
     python bench/loader.py                        # 2,000 images, 100 classes, 1 and 2 workers
     python bench/loader.py --workers 8 --batch 256 --images 20000 --classes 1000
@@ -34,6 +37,8 @@ PIPELINES maps a name to the Hydra overrides of its row: a new row is one entry.
 
 import argparse
 import importlib.util
+import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
@@ -57,6 +62,7 @@ from vitrain.runtime import training_device  # noqa: E402
 from vitrain.train import build_datamodule  # noqa: E402
 
 WIDTH, HEIGHT, QUALITY = 500, 375, 90
+PREFETCH = 4  # batches per worker, as vitrain's DataLoaders prefetch
 # Every vitrain row starts from data=imagenet's recipe; the plain rows drop RandAugment and erasing.
 PLAIN = ["data.augment.auto_augment=null", "data.augment.re_prob=0"]
 # recipe=deit3's augmentations: 3-Augment and colour jitter 0.3, no random erasing.
@@ -100,18 +106,24 @@ def photo_like(rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def make_folder(root: Path, images: int, classes: int, seed: int = 0) -> Path:
+def write_image(task: tuple[Path, int, int, int]) -> None:
+    """One file: image i of the folder, from its own seed (the same file whoever writes it)."""
+    root, i, images, classes = task
+    split = "train" if i < images else "val"
+    folder = root / split / f"n{i % classes:08d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    photo_like(np.random.default_rng([0, i])).save(folder / f"{i:07d}.JPEG", quality=QUALITY)
+
+
+def make_folder(root: Path, images: int, classes: int, jobs: int = 1) -> Path:
     """root/train/<class>/*.JPEG (and one val image per class, which a datamodule's layout check
-    wants), written once: a marker names what is there."""
-    marker = root / f".complete-{images}x{classes}-{WIDTH}x{HEIGHT}-q{QUALITY}-with-val"
+    wants), written once by `jobs` processes: a marker names what is there."""
+    marker = root / f".complete-{images}x{classes}-{WIDTH}x{HEIGHT}-q{QUALITY}-with-val-v2"
     if marker.exists():
         return root
-    rng = np.random.default_rng(seed)
-    for i in range(images + classes):
-        split = "train" if i < images else "val"
-        folder = root / split / f"n{i % classes:08d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        photo_like(rng).save(folder / f"{i:07d}.JPEG", quality=QUALITY)
+    tasks = [(root, i, images, classes) for i in range(images + classes)]
+    with multiprocessing.Pool(max(jobs, 1)) as pool:
+        pool.map(write_image, tasks, chunksize=64)
     marker.touch()
     return root
 
@@ -147,7 +159,7 @@ def baseline(root: Path, args) -> tuple[Iterable, Prepare]:
         drop_last=True,
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=PREFETCH if workers > 0 else None,
     )
     return loader, lambda batch, device: batch[0].to(device, non_blocking=True)
 
@@ -208,11 +220,22 @@ def batches_forever(loader: DataLoader):
         yield from loader
 
 
-def images_per_s(name: str, root: Path, args, device: torch.device) -> float:
-    """Fresh workers, --warmup batches skipped, then --batches timed to the device."""
+def images_per_s(name: str, root: Path, args, device: torch.device) -> dict[str, float]:
+    """Fresh workers, --warmup batches skipped, then --batches timed to the device, prepared;
+    then --batches more from the loader alone (what the workers deliver), and the device step
+    alone on one batch (what the main process or the GPU adds)."""
     loader, prepare = build(name, root, args)
     batches = batches_forever(loader)
+    queued = PREFETCH * max(args.current_workers, 1)  # batches the workers may hold ready
     for _ in range(args.warmup):
+        prepare(next(batches), device)
+    for _ in range(queued):  # drained by a fast consumer: the timing below sees the workers
+        next(batches)
+    start = time.perf_counter()
+    for _ in range(args.batches):
+        batch = next(batches)
+    loader_alone = time.perf_counter() - start
+    for _ in range(queued):  # the queue settles at the prepared pipeline's own pace
         prepare(next(batches), device)
     start = sync(device)
     for _ in range(args.batches):
@@ -220,22 +243,35 @@ def images_per_s(name: str, root: Path, args, device: torch.device) -> float:
     elapsed = sync(device) - start
     if images.dtype != torch.float32 or images.shape[-1] != args.image_size:
         raise RuntimeError(f"{name} gave {images.dtype} {tuple(images.shape)}")
+    start = sync(device)
+    for _ in range(3):
+        prepare(batch, device)
+    device_step = (sync(device) - start) / 3
     del batches, loader  # ends the workers before the next pipeline starts its own
-    return args.batches * args.batch / elapsed
+    images = args.batches * args.batch
+    return {
+        "prepared": images / elapsed,
+        "loader_alone": images / loader_alone,
+        "device_ms": 1000 * device_step / args.batch,
+    }
 
 
 def measure(root: Path, args, device: torch.device) -> list[dict]:
     rows = []
     for workers in args.workers:
         args.current_workers = workers
-        runs: dict[str, list[float]] = {name: [] for name in args.pipelines}
+        runs: dict[str, list[dict]] = {name: [] for name in args.pipelines}
         for round_ in range(args.repeats):
             order = args.pipelines if round_ % 2 == 0 else args.pipelines[::-1]
             for name in order:
                 runs[name].append(images_per_s(name, root, args, device))
-        base = statistics.median(runs["baseline"]) if "baseline" in runs else None
+
+        def median(name: str, key: str, runs=runs) -> float:
+            return statistics.median(run[key] for run in runs[name])
+
+        base = "baseline" in runs
         for name in args.pipelines:
-            rate = statistics.median(runs[name])
+            rate, alone = median(name, "prepared"), median(name, "loader_alone")
             per_worker = rate / max(workers, 1)
             rows.append(
                 {
@@ -244,7 +280,12 @@ def measure(root: Path, args, device: torch.device) -> list[dict]:
                     "images_per_s": rate,
                     "per_worker": per_worker,
                     "ms_per_image_worker": 1000 / per_worker,
-                    "ratio": rate / base if base else float("nan"),
+                    "ratio": rate / median("baseline", "prepared") if base else float("nan"),
+                    "loader_alone": alone,
+                    "loader_ratio": alone / median("baseline", "loader_alone")
+                    if base
+                    else float("nan"),
+                    "device_ms": median(name, "device_ms"),
                     "runs": runs[name],
                 }
             )
@@ -254,13 +295,14 @@ def measure(root: Path, args, device: torch.device) -> list[dict]:
 def table(rows: list[dict]) -> str:
     lines = [
         "| pipeline | workers | images/s | images/s per worker | ms/image per worker "
-        "| ratio to baseline |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| ratio to baseline | loader alone: images/s | ratio | device step: ms/image |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
             f"| {r['pipeline']} | {r['workers']} | {r['images_per_s']:.0f} | {r['per_worker']:.0f} "
-            f"| {r['ms_per_image_worker']:.2f} | {r['ratio']:.2f}x |"
+            f"| {r['ms_per_image_worker']:.2f} | {r['ratio']:.2f}x | {r['loader_alone']:.0f} "
+            f"| {r['loader_ratio']:.2f}x | {r['device_ms']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -283,6 +325,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, default=20, help="batches timed per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds (median)")
     parser.add_argument("--pipelines", default=",".join(ROWS))
+    parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="processes making files")
+    parser.add_argument("--make-only", action="store_true", help="make the folder, measure nothing")
     args = parser.parse_args(argv)
     args.workers = [int(w) for w in args.workers.split(",")]
     args.pipelines = args.pipelines.split(",")
@@ -301,7 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not (root / "train").is_dir() or any(root.glob(".complete-*")):
         print(f"making (or reusing) {args.images} JPEG files in {root} ...", file=sys.stderr)
-        make_folder(root, args.images, args.classes)
+        make_folder(root, args.images, args.classes, args.jobs)
+    if args.make_only:
+        print(folder_summary(root / "train"))
+        return 0
     device = training_device(None)
     print(machine_header())
     print(folder_summary(root / "train"))

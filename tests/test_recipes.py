@@ -16,7 +16,16 @@ from timm.optim import Lamb
 
 from vitrain.data.decode_fast import FastSampleTransform
 from vitrain.data.decode_pil import train_transform
-from vitrain.data.on_device import DeviceAugment, color_jitter, three_augment
+from vitrain.data.on_device import (
+    BLUR,
+    GRAY,
+    SOLARIZE,
+    DeviceAugment,
+    apply_color,
+    color_jitter,
+    color_transform,
+    three_augment,
+)
 from vitrain.data.resolution import ResolutionPlan
 from vitrain.errors import UserError
 from vitrain.models.recipe import training_loss
@@ -52,16 +61,19 @@ def is_gray(image: torch.Tensor) -> bool:
 # --- 3-Augment and the Simple Random Crop, both loaders ------------------------------------
 def test_three_augment_chooses_each_op_a_third_of_the_time_and_does_what_it_names():
     torch.manual_seed(0)
-    images = torch.from_numpy(np.array(colourful())).permute(2, 0, 1).float()
-    images = images[None].repeat(3000, 1, 1, 1)
-    out, choice = three_augment(images)
+    original = torch.from_numpy(np.array(colourful())).permute(2, 0, 1).float()
+    pixels = original[None].repeat(3000, 1, 1, 1)
+    choice = three_augment(pixels)  # solarisation and blur in place; grayscale a colour matrix
     counts = torch.bincount(choice, minlength=3).tolist()
     # Binomial(3000, 1/3): sd 26; 5 sd of room.
     assert all(abs(c - 1000) < 130 for c in counts), counts
-    assert out.shape == images.shape and 0 <= out.min() and out.max() <= 255
-    gray, solar, blur = (out[choice == k] for k in range(3))
+    a, b = color_transform(pixels, choice == GRAY, None)
+    out = apply_color(pixels, a, b)
+    assert out.shape == pixels.shape and 0 <= out.min() and out.max() <= 255 + 1e-3
+    gray, solar, blur = (out[choice == k] for k in (GRAY, SOLARIZE, BLUR))
     assert all(is_gray(image) for image in gray[:50])
-    original = images[0]
+    luma = (original * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(dim=0)
+    torch.testing.assert_close(gray[0][0], luma)  # PIL's convert("L") weights
     flipped = torch.where(original >= 128, 255 - original, original)
     assert torch.equal(solar[0], flipped)  # solarised at 128, PIL's threshold
     # a blur keeps the mean and smooths the blocks' edges: less edge energy, more so on average
@@ -69,6 +81,29 @@ def test_three_augment_chooses_each_op_a_third_of_the_time_and_does_what_it_name
     energy = (blur.diff(dim=-1) ** 2).mean(dim=(1, 2, 3))
     sharp = (original.diff(dim=-1) ** 2).mean()
     assert (energy <= sharp + 1e-3).all() and energy.mean() < 0.8 * sharp
+
+
+def test_the_fused_jitter_is_torchvisions_colorjitter_in_its_order():
+    """One image, one order, one set of factors: the composed colour matrix gives what
+    torchvision's three functional ops give in that order (on values that never clamp)."""
+    import torchvision.transforms.v2.functional as TF
+
+    torch.manual_seed(3)
+    image = torch.rand(1, 3, 16, 16) * 120 + 60  # mid-range: no clamping in between
+    factors = torch.tensor([[1.2, 0.8, 1.25]])  # brightness, contrast, saturation
+    order = [2, 0, 1]  # saturation, brightness, contrast
+    ops = {0: TF.adjust_brightness, 1: TF.adjust_contrast, 2: TF.adjust_saturation}
+    expected = image / 255
+    for op in order:
+        expected = ops[op](expected, float(factors[0, op]))
+    real_rand, real_uniform = torch.rand, torch.Tensor.uniform_
+    try:  # the factors and the order color_transform draws, fixed to the ones above
+        torch.Tensor.uniform_ = lambda self, *a: self.copy_(factors)
+        torch.rand = lambda *a, **k: torch.tensor([[0.5, 0.9, 0.1]])  # argsort -> [2, 0, 1]
+        a, b = color_transform(image, None, 0.3)
+    finally:
+        torch.rand, torch.Tensor.uniform_ = real_rand, real_uniform
+    torch.testing.assert_close(apply_color(image, a, b) / 255, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_color_jitter_factors_stay_within_the_strength():
