@@ -72,6 +72,9 @@ class SpeedMonitor(pl.Callback):
         self._train_start: float | None = None
         self.first_step_s: float | None = None
         self._first_step_logged = False
+        # Host seconds the loop has waited for batches since training started, all epochs; read
+        # by StepProfiler for the data wait of its window (one measurement, two readers).
+        self.data_wait_s = 0.0
 
     # --- set-up ---------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -123,7 +126,9 @@ class SpeedMonitor(pl.Callback):
         self._open_segment(trainer)
 
     def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
-        self._wait_time += time.perf_counter() - self._last_batch_end
+        wait = time.perf_counter() - self._last_batch_end
+        self._wait_time += wait
+        self.data_wait_s += wait
 
     def on_train_batch_end(
         self, trainer, pl_module, outputs: Any, batch: Batch, batch_idx: int
