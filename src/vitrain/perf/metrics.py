@@ -19,7 +19,8 @@ summarises them, its printed summary and `python -m vitrain.report` show them fr
 | projected_wall_time_s | | projected for all epochs (s) | start-up + epoch 1 + median x rest |
 
 README "What every run measures" says what each means. Below the table: PROFILE_SHARES, the
-`profile` block of a profiled run (README "Profiling").
+`profile` block of a profiled run (README "Profiling"), and SCALING, the columns of
+`python -m vitrain.report --scaling` (README "Scaling").
 """
 
 from dataclasses import dataclass
@@ -109,4 +110,12 @@ PROFILE_SHARES: tuple[Metric, ...] = (
     Metric("other", None, "other ops", "%", PROFILED, ".0f", 100.0),
     Metric("data_wait", None, "data wait", "%", PROFILED, ".0f", 100.0),
     Metric("idle", None, "idle", "%", PROFILED, ".0f", 100.0),
+)
+
+# --- python -m vitrain.report --scaling (vitrain.report.scaling) --------------------------------
+ACROSS_RUNS = "a multi-device run against the 1-device run of the same settings"
+
+SCALING: tuple[Metric, ...] = (
+    Metric("scaling", None, "scaling", "x", ACROSS_RUNS, ".2f"),  # images/s(N) / images/s(1)
+    Metric("scaling_efficiency", None, "efficiency", "%", ACROSS_RUNS, ".1f", 100.0),  # / N
 )
