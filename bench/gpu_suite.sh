@@ -13,6 +13,8 @@
 #               the smallest model's step is the one launch overhead shows in
 #     finder    tune.batch_size=true on B16 bf16 (Lightning's BatchSizeFinder, a few steps)
 #     loader    bench/loader.py on this machine's CPUs, normalised on the GPU
+#     profiler  bench/profiler_overhead.py on B16 bf16 eager (perf.profile_steps=[20,30]): what a
+#               profiled step costs on a GPU, and the run's profile summary
 #   MODELS / BATCH / STEPS / REPEATS / LOADER_* / FINDER_ARGS (overrides) shrink or grow it
 #   (MODELS=vit_micro: a dry run on a CPU). tests..switches and loader took 8 min 10 s on an H200;
 #   mfu, autotune, cudagraphs, finder and the compiled and reduce-overhead GPU tests have not run
@@ -21,6 +23,7 @@
 #     STAGES=mfu,tests bench/gpu_suite.sh
 #     STAGES=compiled,autotune MODELS=vit_s16,vit_l16 B16=vit_b16 bench/gpu_suite.sh
 #     STAGES=cudagraphs,finder bench/gpu_suite.sh
+#     STAGES=profiler bench/gpu_suite.sh      (and tests: test_profiler's CUDA profile)
 #   On a GPU machine with torch, Lightning and torchmetrics but not the rest, install the other
 #   dependencies that the suite and the test modules import (hydra-core, omegaconf,
 #   antlr4-python3-runtime, timm, simplejpeg, webdataset, braceexpand) from wheels and put src/
@@ -29,7 +32,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-results}
-STAGES=${STAGES:-tests,eager,compiled,switches,mfu,autotune,cudagraphs,finder,loader}
+STAGES=${STAGES:-tests,eager,compiled,switches,mfu,autotune,cudagraphs,finder,loader,profiler}
 MODELS=${MODELS:-vit_s16,vit_b16,vit_l16}
 BATCH=${BATCH:-256}
 STEPS=${STEPS:-20}
@@ -93,11 +96,17 @@ stage_loader() {
   timeout "$BENCH_TIMEOUT" "$PYTHON" bench/loader.py --workers "${LOADER_WORKERS:-8}" \
     --batch "$BATCH" --images "${LOADER_IMAGES:-8000}" --repeats 1 2>&1
 }
+stage_profiler() {
+  echo "== profiler: $B16 bf16-mixed, eager, batch $BATCH"
+  timeout "$BENCH_TIMEOUT" "$PYTHON" bench/profiler_overhead.py --accelerator gpu --model "$B16" \
+    --image-size 224 --batch "$BATCH" --repeats "$REPEATS" --set trainer.precision=bf16-mixed \
+    --set runtime.compile=false 2>&1 | grep -E "^\||^  profile|^machine|^load"
+}
 
 for name in ${STAGES//,/ }; do
   if ! declare -F "stage_$name" >/dev/null; then
     echo "STAGES: no stage '$name' (tests, eager, compiled, switches, mfu, autotune, cudagraphs," \
-      "finder, loader)"
+      "finder, loader, profiler)"
     exit 2
   fi
 done

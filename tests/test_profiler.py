@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import compose_config, run_train
+from conftest import compose_config, requires_gpu, run_train
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
@@ -328,3 +328,29 @@ def test_every_ddp_rank_writes_its_trace_and_rank_0_reports_the_collectives(ddp_
         gzip.decompress((ddp_run / "profiler" / "rank1.pt.trace.json.gz").read_bytes())
     )
     assert "c10d::allreduce_" in {e.get("name") for e in trace["traceEvents"]}
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_cuda_profile_counts_kernels_and_the_idle_gpu(tmp_path) -> None:
+    """Not run yet: this project's machines have had no GPU since the profiler was written."""
+    cuda = [
+        *TINY_STEPS,
+        "trainer.accelerator=gpu",
+        "trainer.devices=1",
+        "trainer.precision=bf16-mixed",
+        "runtime.compile=false",
+        "perf.profile_steps=[2,4]",
+    ]
+    run_train(cuda, tmp_path)
+    profile = json.loads((tmp_path / "run_report.json").read_text())["profile"]
+    assert profile["device"] == "cuda" and profile["basis"] == "GPU kernel time"
+    shares = profile["shares"]
+    assert shares["matmul"] > 0 and shares["elementwise_norm"] > 0
+    assert 0.0 <= shares["idle"] < 1.0
+    kernels = sum(shares[k] for k in ("matmul", "elementwise_norm", "communication", "other"))
+    assert kernels + shares["idle"] == pytest.approx(1.0, abs=0.1)  # streams may overlap a bit
+    assert any(t["kind"] == "matmul" for t in profile["top"])
+    trace_file = tmp_path / "profiler" / "rank0.pt.trace.json.gz"
+    trace = json.loads(gzip.decompress(trace_file.read_bytes()))
+    assert any(e.get("cat") == "kernel" for e in trace["traceEvents"])
