@@ -22,9 +22,11 @@
 #     resolutions  issue 15: B16 bf16 compiled on synthetic batches at 160, 192 and 224 px
 #               (images/s, MFU), and one run with a 160 -> 192 px schedule (perf/resize_step_s:
 #               the first step at a new size, its compilation included)
+#     profiler  bench/profiler_overhead.py on B16 bf16 eager (perf.profile_steps=[20,30]): what a
+#               profiled step costs on a GPU, and the run's profile summary
 #   MODELS / BATCH / STEPS / REPEATS / LOADER_* / FINDER_ARGS / REAL_* / RES_* (overrides) shrink
 #   or grow it (a dry run on a CPU: bench/gpu_suite_dry_run.sh). tests..switches and loader took
-#   8 min 10 s on an H200; realdata, mfu, autotune, cudagraphs, finder, resolutions and the
+#   8 min 10 s on an H200; realdata, mfu, autotune, cudagraphs, finder, resolutions, profiler and the
 #   compiled and reduce-overhead GPU tests have not run on a GPU yet. What is still missing, in
 #   order of need, in calls of under 10 minutes each:
 #     STAGES=realdata bench/gpu_suite.sh          (issue 17 point 1)
@@ -32,6 +34,7 @@
 #     STAGES=compiled,autotune MODELS=vit_s16,vit_l16 B16=vit_b16 bench/gpu_suite.sh
 #     STAGES=cudagraphs,finder bench/gpu_suite.sh
 #     STAGES=resolutions bench/gpu_suite.sh       (issue 15; after realdata: it reuses its JPEGs)
+#     STAGES=profiler bench/gpu_suite.sh          (and tests: test_profiler's CUDA profile)
 #   On a GPU machine with torch, Lightning and torchmetrics but not the rest, install the other
 #   dependencies that the suite and the test modules import (hydra-core, omegaconf,
 #   antlr4-python3-runtime, timm, simplejpeg, webdataset, braceexpand; for pytest's collection of
@@ -41,7 +44,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-results}
-STAGES=${STAGES:-realdata,tests,eager,compiled,switches,mfu,autotune,cudagraphs,finder,loader,resolutions}
+STAGES=${STAGES:-realdata,tests,eager,compiled,switches,mfu,autotune,cudagraphs,finder,loader,resolutions,profiler}
 MODELS=${MODELS:-vit_s16,vit_b16,vit_l16}
 BATCH=${BATCH:-256}
 STEPS=${STEPS:-20}
@@ -118,7 +121,7 @@ stage_resolutions() {
 stage_tests() {
   echo "== tests marked gpu"
   timeout 300 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests/test_speed.py \
-    tests/test_loader.py tests/test_recipes.py 2>&1 | tail -15
+    tests/test_loader.py tests/test_recipes.py tests/test_profiler.py 2>&1 | tail -15
 }
 stage_eager() { bench eager --models "$MODELS" --precisions bf16-mixed,16-mixed --compile off; }
 stage_compiled() {
@@ -157,11 +160,17 @@ stage_loader() {
   timeout "$BENCH_TIMEOUT" "$PYTHON" bench/loader.py --workers "${LOADER_WORKERS:-8}" \
     --batch "$BATCH" --images "${LOADER_IMAGES:-8000}" --repeats 1 2>&1
 }
+stage_profiler() {
+  echo "== profiler: $B16 bf16-mixed, eager, batch $BATCH"
+  timeout "$BENCH_TIMEOUT" "$PYTHON" bench/profiler_overhead.py --accelerator gpu --model "$B16" \
+    --image-size 224 --batch "$BATCH" --repeats "$REPEATS" --set trainer.precision=bf16-mixed \
+    --set runtime.compile=false 2>&1 | grep -E "^\||^  profile|^machine|^load"
+}
 
 for name in ${STAGES//,/ }; do
   if ! declare -F "stage_$name" >/dev/null; then
     echo "STAGES: no stage '$name' (realdata, tests, eager, compiled, switches, mfu, autotune," \
-      "cudagraphs, finder, loader, resolutions)"
+      "cudagraphs, finder, loader, resolutions, profiler)"
     exit 2
   fi
 done

@@ -59,26 +59,37 @@ def quickstart_run(tmp_path_factory) -> Path:
     return out
 
 
+# A real tiny CPU run on synthetic batches (add data.batch_size): the runs reports are made of.
+REAL_RUN = [
+    "experiment=quickstart",
+    "data=synthetic",
+    "data.image_size=32",
+    "data.num_classes=10",
+    "data.train_batches=8",
+    "data.val_batches=1",
+    "trainer.max_epochs=2",
+    "trainer.accelerator=cpu",
+    "logger=none",
+    "callbacks=base",
+    "trainer.enable_progress_bar=false",
+]
+
+
 @pytest.fixture(scope="session")
 def real_runs(tmp_path_factory) -> Path:
     """Two real tiny CPU runs that differ only in the global batch: reports to compare."""
     root = tmp_path_factory.mktemp("real_runs")
     for batch in (16, 32):
-        run_train(
-            [
-                "experiment=quickstart",
-                "data=synthetic",
-                "data.image_size=32",
-                "data.num_classes=10",
-                f"data.batch_size={batch}",
-                "data.train_batches=8",
-                "data.val_batches=1",
-                "trainer.max_epochs=2",
-                "trainer.accelerator=cpu",
-                "logger=none",
-                "callbacks=base",
-                "trainer.enable_progress_bar=false",
-            ],
-            root / f"batch{batch}",
-        )
+        run_train([*REAL_RUN, f"data.batch_size={batch}"], root / f"batch{batch}")
     return root
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory) -> Path:
+    """REAL_RUN on 2 CPU processes (strategy=ddp_cpu), global batch 32, training batches 2-3
+    profiled (in the first epoch, which the report's images/s leave out): its run directory."""
+    root = tmp_path_factory.mktemp("ddp_run")
+    args = [*REAL_RUN, "data.batch_size=32", "strategy=ddp_cpu", "perf.profile_steps=[2,4]"]
+    result = run_cli([*args, f"hydra.run.dir={root / 'ddp'}"], root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "ddp"

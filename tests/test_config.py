@@ -88,7 +88,8 @@ def test_logger_option_instantiates(logger, tmp_path, monkeypatch):
 @pytest.mark.parametrize("callbacks", options("callbacks"))
 def test_every_callback_config_instantiates(callbacks, tmp_path):
     """Each file of conf/callbacks builds its callbacks, with `enabled` forced on."""
-    cfg = compose_config([f"callbacks={callbacks}", "tune.batch_size=true"], tmp_path)
+    on = ["tune.batch_size=true", "perf.profile_steps=[5,10]"]  # settings their nodes read
+    cfg = compose_config([f"callbacks={callbacks}", *on], tmp_path)
     assert cfg.callbacks
     for name, node in cfg.callbacks.items():
         settings = OmegaConf.to_container(node, resolve=True)

@@ -192,6 +192,9 @@ def test_data_wait_frac_shows_an_input_bound_loop_and_warns():
         monitor = fit_with_monitor(train_delay_s=0.025, val_sleep_s=0.0)
     assert all(e["perf/data_wait_frac"] > 0.7 for e in monitor.history)
     assert monitor.history[-1]["perf/step_time_ms"] >= 100.0
+    # The run's total wait (what StepProfiler reads for its window) is the epochs' waits summed.
+    waits = [e["perf/data_wait_frac"] * e["perf/epoch_time_s"] for e in monitor.history]
+    assert monitor.data_wait_s == pytest.approx(sum(waits))
 
 
 def test_run_report_of_a_real_run(quickstart_run):

@@ -62,12 +62,25 @@ def build_loggers(logger_cfg: DictConfig | None, output_dir: Path) -> list[Logge
     return loggers
 
 
+def _wandb_mode(run) -> str | None:
+    return run.settings.mode if run.settings else None
+
+
+def online_wandb_run(loggers: list[Logger]):
+    """The wandb run of these loggers if one has started and uploads as it goes, else None."""
+    for logger in loggers:
+        run = started_wandb_run(logger) if isinstance(logger, WandbLogger) else None
+        if run is not None and _wandb_mode(run) not in (None, "offline", "dryrun", "disabled"):
+            return run
+    return None
+
+
 def finish_loggers(loggers: list[Logger]) -> None:
     """End each wandb run so that the next job of a multirun starts its own."""
     for logger in loggers:
         run = started_wandb_run(logger) if isinstance(logger, WandbLogger) else None
         if run is not None:
-            offline = run.settings.mode in ("offline", "dryrun") if run.settings else False
+            offline = _wandb_mode(run) in ("offline", "dryrun")
             run_dir = os.path.dirname(run.dir) if run.dir else None
             run.finish()
             if offline and run_dir:

@@ -29,6 +29,7 @@ from vitrain.launch import job_environment, pin_ddp_children_to_this_job
 from vitrain.loggers import build_loggers, finish_loggers, record_summary
 from vitrain.models import ViTClassifier
 from vitrain.perf import SpeedMonitor
+from vitrain.perf.profiler import StepProfiler
 from vitrain.report.run_report import (
     REPORT_NAME,
     build_run_report,
@@ -266,6 +267,7 @@ def write_report(cfg, trainer, module, container, started, started_at, status) -
     }
     monitor = next((c for c in trainer.callbacks if isinstance(c, SpeedMonitor)), None)
     finder = next((c for c in trainer.callbacks if isinstance(c, BatchSizeFinder)), None)
+    profiler = next((c for c in trainer.callbacks if isinstance(c, StepProfiler)), None)
     report = build_run_report(
         cfg,
         trainer,
@@ -274,6 +276,7 @@ def write_report(cfg, trainer, module, container, started, started_at, status) -
         container,
         run,
         batch_size_found=finder.optimal_batch_size if finder else None,
+        profile=profiler.summary if profiler else None,
     )
     path = write_json_atomic(redact(report), Path(cfg.paths.output_dir) / REPORT_NAME)
     print(f"\n{format_summary(report)}\n  run report: {path}", flush=True)

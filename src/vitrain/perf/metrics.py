@@ -20,7 +20,9 @@ summarises them, its printed summary and `python -m vitrain.report` show them fr
 | wall_time_s | | wall time (s) | the whole run, start-up to report |
 | projected_wall_time_s | | projected for all epochs (s) | start-up + epoch 1 + median x rest |
 
-README "What every run measures" says what each means.
+README "What every run measures" says what each means. Below the table: PROFILE_SHARES, the
+`profile` block of a profiled run (README "Profiling"), and SCALING, the columns of
+`python -m vitrain.report --scaling` (README "Scaling").
 """
 
 from dataclasses import dataclass
@@ -97,3 +99,28 @@ def key(name: str) -> str:
     if logged is None:
         raise KeyError(f"{name} is a run-level figure, not logged per epoch")
     return logged
+
+
+# --- the profile block of run_report.json (perf.profile_steps, vitrain.perf.profiler) ----------
+PROFILED = "share of the profiled steps' wall time"
+
+# Where the profiled steps' time went, keyed as in run_report.json's profile.shares. On a GPU the
+# ops' shares are kernel time and idle is the time no kernel ran; on a CPU they are the training
+# thread's self time in torch ops, and idle is its time outside ops and the data wait (Python,
+# Lightning's loop, callbacks). Data wait is SpeedMonitor's host wait for batches in the window.
+PROFILE_SHARES: tuple[Metric, ...] = (
+    Metric("matmul", None, "matrix products", "%", PROFILED, ".0f", 100.0),
+    Metric("elementwise_norm", None, "elementwise/norm", "%", PROFILED, ".0f", 100.0),
+    Metric("communication", None, "communication", "%", PROFILED, ".0f", 100.0),
+    Metric("other", None, "other ops", "%", PROFILED, ".0f", 100.0),
+    Metric("data_wait", None, "data wait", "%", PROFILED, ".0f", 100.0),
+    Metric("idle", None, "idle", "%", PROFILED, ".0f", 100.0),
+)
+
+# --- python -m vitrain.report --scaling (vitrain.report.scaling) --------------------------------
+ACROSS_RUNS = "a multi-device run against the 1-device run of the same settings"
+
+SCALING: tuple[Metric, ...] = (
+    Metric("scaling", None, "scaling", "x", ACROSS_RUNS, ".2f"),  # images/s(N) / images/s(1)
+    Metric("scaling_efficiency", None, "efficiency", "%", ACROSS_RUNS, ".1f", 100.0),  # / N
+)

@@ -79,6 +79,9 @@ class SpeedMonitor(pl.Callback):
         self._first_step_logged = False
         self._images_seen = 0.0
         self._last_size: int | None = None  # the training size of the previous epoch
+        # Host seconds the loop has waited for batches since training started, all epochs; read
+        # by StepProfiler for the data wait of its window (one measurement, two readers).
+        self.data_wait_s = 0.0
 
     # --- set-up ---------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -139,7 +142,9 @@ class SpeedMonitor(pl.Callback):
         self._open_segment(trainer)
 
     def on_train_batch_start(self, trainer, pl_module, batch: Batch, batch_idx: int) -> None:
-        self._wait_time += time.perf_counter() - self._last_batch_end
+        wait = time.perf_counter() - self._last_batch_end
+        self._wait_time += wait
+        self.data_wait_s += wait
         if self._epoch_size is None:
             self._epoch_size = batch.images.shape[-1]  # a shape: no sync
             if self._last_size is not None and self._epoch_size != self._last_size:

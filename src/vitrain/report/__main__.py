@@ -1,10 +1,12 @@
-"""`python -m vitrain.report PATH ... [--baseline KEY=VALUE] [--csv FILE] [--plot FILE.png]`:
-compare runs from their run_report.json files (vitrain.report.compare says how)."""
+"""`python -m vitrain.report PATH ... [--baseline KEY=VALUE] [--csv FILE] [--plot FILE.png]
+[--scaling]`: compare runs from their run_report.json files (vitrain.report.compare says how;
+--scaling: strong and weak scaling efficiency instead, vitrain.report.scaling)."""
 
 import sys
 from collections.abc import Sequence
 
 from vitrain.report.compare import ReportError, compare, load_reports, plot, to_markdown, write_csv
+from vitrain.report.scaling import scaling, scaling_markdown, write_scaling_csv
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -20,7 +22,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--csv", metavar="FILE", help="also write the rows as CSV")
     parser.add_argument("--plot", metavar="FILE.png", help="also write a bar chart")
+    parser.add_argument(
+        "--scaling",
+        action="store_true",
+        help="instead: each multi-device run against the 1-device run of the same settings "
+        "(strong and weak scaling efficiency); --csv writes those rows",
+    )
     args = parser.parse_args(argv)
+    if args.scaling:
+        return _scaling(args)
     try:
         comparison = compare(load_reports(args.paths), args.baseline)
     except ReportError as err:
@@ -31,6 +41,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_csv(comparison, args.csv)
     if args.plot:
         plot(comparison, args.plot)
+    return 0
+
+
+def _scaling(args) -> int:
+    try:
+        table = scaling(load_reports(args.paths))
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(scaling_markdown(table))
+    if args.csv:
+        write_scaling_csv(table, args.csv)
+    if args.plot:
+        plot(compare(load_reports(args.paths)), args.plot)
     return 0
 
 

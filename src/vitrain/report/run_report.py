@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from vitrain.perf.metrics import FIRST, LARGEST, LAST, METRICS, STEADY, key
+from vitrain.perf.metrics import FIRST, LARGEST, LAST, METRICS, PROFILE_SHARES, STEADY, key
 
 SCHEMA = 1
 REPORT_NAME = "run_report.json"
@@ -107,8 +107,38 @@ def format_summary(report: dict) -> str:
                 f"{reached['train_s']:.1f} s training, {reached['images']:,.0f} images)"
             )
         rows.append((f"time to {float(target):.0%} val/acc1", when))
+    rows += profile_rows(report.get("profile"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def profile_rows(profile: dict | None, top: int = 3) -> list[tuple[str, str]]:
+    """The printed summary's lines for the profile block (perf.profile_steps), if there is one."""
+    if not profile or not profile.get("steps_recorded"):
+        return []
+    start = profile["steps"][0]
+    shares = profile["shares"]
+    spent = ", ".join(
+        f"{m.label} {m.format(m.shown(shares[m.name]))} {m.unit}"
+        for m in PROFILE_SHARES
+        # communication only where there was some (DDP); a share not measured is left out
+        if shares.get(m.name) is not None and (m.name != "communication" or shares[m.name] > 0)
+    )
+    ops = ", ".join(f"{op['name'][:48]} {op['share']:.0%}" for op in profile["top"][:top])
+    artifact = profile.get("artifact")
+    return [
+        (
+            "profile",
+            f"training batches {start}-{start + profile['steps_recorded'] - 1}, "
+            f"{profile['wall_s']:.2f} s; {profile['basis']}",
+        ),
+        ("profile: time", spent),
+        ("profile: top " + ("ops" if profile["device"] == "cpu" else "kernels"), ops),
+        (
+            "profile: trace",
+            profile["trace"] + (f" (wandb artifact {artifact})" if artifact else ""),
+        ),
+    ]
 
 
 def _choice(group: str, default: Any) -> Any:
@@ -134,11 +164,13 @@ def build_run_report(
     container: dict,
     run: dict,
     batch_size_found: int | None = None,
+    profile: dict | None = None,
 ) -> dict:
     """Config essentials, environment, per-epoch figures and their summary.
 
     The batch is the datamodule's: the one that trained (Lightning's batch-size finder sets it
-    there when tune.batch_size=true; batch_size_found is the finder's answer).
+    there when tune.batch_size=true; batch_size_found is the finder's answer). profile: the
+    profiler's summary (vitrain.perf.profiler), a `profile` block when perf.profile_steps is set.
     """
     from vitrain.perf.environment import capture_environment
 
@@ -166,7 +198,7 @@ def build_run_report(
         "seed": cfg.seed,
         "tags": list(cfg.tags),
     }
-    return {
+    report = {
         "schema": SCHEMA,
         "run": run,
         "config": config,
@@ -177,3 +209,6 @@ def build_run_report(
             epochs, trainer.max_epochs, run["wall_time_s"], cfg.perf.get("acc_targets") or ()
         ),
     }
+    if profile is not None:
+        report["profile"] = profile
+    return report
