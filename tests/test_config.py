@@ -70,6 +70,9 @@ def test_strategy_and_precision_build_a_trainer(strategy, precision, tmp_path):
     expected = "DDPStrategy" if strategy.startswith("ddp") else "SingleDeviceStrategy"
     assert type(trainer.strategy).__name__ == expected
     assert trainer.precision == precision
+    if strategy.startswith("ddp"):
+        # the non-finite-loss counter stays per rank: DDP must not broadcast rank 0's buffers
+        assert cfg.trainer.strategy.broadcast_buffers is False
 
 
 @pytest.mark.parametrize("logger", options("logger"))
