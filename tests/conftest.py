@@ -60,6 +60,24 @@ def quickstart_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def ema_run(tmp_path_factory) -> tuple[Path, dict]:
+    """A short real run with EMA weights (recipe.ema): its directory, whose last.ckpt holds the
+    average and the raw weights, and its final metrics (validation sees the average)."""
+    out = tmp_path_factory.mktemp("ema_run")
+    metrics = run_train(
+        [
+            *TINY,
+            "trainer.max_epochs=2",
+            "trainer.limit_train_batches=4",
+            "recipe.ema=true",
+            "recipe.ema_decay=0.9",
+        ],
+        out,
+    )
+    return out, metrics
+
+
+@pytest.fixture(scope="session")
 def real_runs(tmp_path_factory) -> Path:
     """Two real tiny CPU runs that differ only in the global batch: reports to compare."""
     root = tmp_path_factory.mktemp("real_runs")
