@@ -1,4 +1,4 @@
-"""Starting from weights (model.init_from): real tiny runs."""
+"""Starting from weights (model.init_from) and fine-tuning with layer decay: real tiny runs."""
 
 import argparse
 import json
@@ -146,3 +146,75 @@ def test_a_tensor_of_another_shape_is_an_error_naming_it(tmp_path):
         micro(init_from=str(tmp_path / "notes.txt"))
     with pytest.raises(UserError, match="is not a file"):
         micro(init_from=str(tmp_path / "missing.ckpt"))
+
+
+class RecordOptimizer(Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        names = {id(p): n for n, p in pl_module.model.named_parameters()}
+        self.groups = [
+            {
+                "names": [names[id(p)] for p in g["params"]],
+                "lr_scale": g.get("lr_scale", 1.0),
+                "weight_decay": g["weight_decay"],
+                "lr": g["lr"],
+            }
+            for g in trainer.optimizers[0].param_groups
+        ]
+
+
+def test_layer_decay_gives_timms_parameter_groups(tmp_path):
+    record = RecordOptimizer()
+    run_train(
+        [
+            "experiment=speed",
+            "model=vit_micro",
+            "data.image_size=32",
+            "data.num_classes=10",
+            "data.batch_size=8",
+            "data.train_batches=1",
+            "trainer.max_epochs=1",
+            "trainer.accelerator=cpu",
+            "trainer.enable_progress_bar=false",
+            "logger=none",
+            "recipe.layer_decay=0.65",
+        ],
+        tmp_path,
+        [record],
+    )
+    by_name = {n: g for g in record.groups for n in g["names"]}
+    # timm's param_groups_layer_decay over the ViT's group_matcher: the embeddings are layer 0,
+    # block i layer i + 1 (the final norm goes with the last block), the head layer 5; layer i
+    # learns at 0.65^(5 - i) x lr.
+    expected_layer = {"pos_embed": 0, "cls_token": 0, "patch_embed.proj.weight": 0}
+    expected_layer |= {f"blocks.{i}.attn.qkv.weight": 1 + i for i in range(4)}
+    expected_layer |= {"norm.weight": 4, "head.weight": 5, "head.bias": 5}
+    for name, layer in expected_layer.items():
+        assert by_name[name]["lr_scale"] == pytest.approx(0.65 ** (5 - layer)), name
+    head_lr = by_name["head.weight"]["lr"]
+    for g in record.groups:  # timm's scheduler applies lr_scale at every step
+        assert g["lr"] == pytest.approx(head_lr * g["lr_scale"])
+    # vitrain's decay rules hold: none on norms, biases, position embedding and class token
+    no_decay = {n for n, g in by_name.items() if g["weight_decay"] == 0.0}
+    assert {"pos_embed", "cls_token", "norm.weight", "head.bias", "blocks.0.norm1.bias"} <= no_decay
+    assert by_name["blocks.0.attn.qkv.weight"]["weight_decay"] == 0.05
+    assert by_name["head.weight"]["weight_decay"] == 0.05
+    assert len(record.groups) == 12  # 6 layers x (decay, no decay)
+
+
+def test_finetune_experiment_composes_the_documented_recipe():
+    cfg = compose_config(["experiment=finetune", "model=vit_b16", "model.init_from=w.ckpt"])
+    recipe = cfg.recipe
+    assert (recipe.base_lr, recipe.layer_decay, recipe.weight_decay) == (2e-5, 0.85, 1e-8)
+    assert (recipe.warmup_epochs, recipe.label_smoothing, recipe.mixup_alpha) == (1, 0.1, 0.8)
+    assert recipe.for_trained_weights and cfg.trainer.max_epochs == 30
+    assert (cfg.data.augment.re_prob, cfg.data.eval_crop_pct) == (0.0, 1.0)
+    assert cfg.data.augment.auto_augment == "rand-m9-mstd0.5-inc1"
+
+
+def test_finetune_recipe_without_weights_and_unset_values_are_errors(tmp_path):
+    with pytest.raises(UserError, match=r"give them with model\.init_from=<vitrain checkpoint"):
+        run_train([*TINY, "recipe=finetune"], tmp_path)
+    with pytest.raises(
+        UserError, match=r"^model\.name must be given for this run: add model\.name"
+    ):
+        run_train([*TINY, "model=vit"], tmp_path)

@@ -1,8 +1,12 @@
-"""Config nodes generated from code, registered in Hydra's ConfigStore before composing."""
+"""Config nodes generated from code, registered in Hydra's ConfigStore before composing; the
+check of values the user must give."""
 
 import inspect
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from vitrain.errors import UserError
 
 # vitrain builds these itself from the logger/ and callbacks/ groups.
 _TRAINER_ARGS_BUILT_BY_VITRAIN = {"logger", "callbacks"}
@@ -53,3 +57,12 @@ def compose_config(config_dir: str, overrides: list[str], output_dir=None):
     with open_dict(cfg):
         del cfg.hydra
     return cfg
+
+
+def check_required(cfg: DictConfig) -> None:
+    """Every `???` of the config given a value (experiment=finetune's model.init_from, eval's
+    ckpt_path): else one error naming them, before anything is built."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        settings = " ".join(f"{key}=..." for key in missing)
+        raise UserError(f"{', '.join(missing)} must be given for this run: add {settings}.")

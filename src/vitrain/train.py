@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from vitrain.checkpointing import AtomicCheckpointIO, resume_checkpoint
+from vitrain.config import check_required
 from vitrain.container import setup_container
 from vitrain.data.sizing import per_device_batch_size
 from vitrain.errors import Preempted, UserError
@@ -114,6 +115,12 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
 
 
 def build_module(cfg: DictConfig) -> ViTClassifier:
+    if cfg.recipe.for_trained_weights and not cfg.model.init_from:
+        raise UserError(
+            "this recipe fine-tunes trained weights (recipe.for_trained_weights=true: a low "
+            "learning rate, layer decay, a short warm-up): give them with "
+            "model.init_from=<vitrain checkpoint, .safetensors or .pth file>."
+        )
     return ViTClassifier(
         model=OmegaConf.to_container(cfg.model, resolve=True),
         recipe=OmegaConf.to_container(cfg.recipe, resolve=True),
@@ -195,6 +202,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
 
 def _train(cfg: DictConfig, extra_callbacks: list[Callback]) -> dict[str, float]:
     started, started_at = time.perf_counter(), _now()
+    check_required(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     pin_ddp_children_to_this_job()
     container = setup_container(cfg.container)

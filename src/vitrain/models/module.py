@@ -126,12 +126,15 @@ class ViTClassifier(pl.LightningModule):
         if fused is None:
             fused = training_device(lightning_internals.attached_trainer(self)).type == "cuda"
         # timm leaves out of weight decay: 1-d parameters (norms, biases) and no_weight_decay()
-        # (position embedding, class token).
+        # (position embedding, class token), with or without layer decay. recipe.layer_decay:
+        # timm's param_groups_layer_decay, one group per layer of the model's group_matcher with
+        # an `lr_scale` that timm's scheduler multiplies the learning rate by.
         optimizer = create_optimizer_v2(
             self.model,
             opt=recipe["optimizer"],
             lr=self.learning_rate,
             weight_decay=recipe["weight_decay"],
+            layer_decay=recipe["layer_decay"],
             betas=tuple(recipe["betas"]),
             eps=recipe["eps"],
             **({"fused": True} if fused else {}),
