@@ -169,7 +169,7 @@ def check_output_dir(output_dir: Path, ckpt_bytes: int) -> None:
         )
 
 
-def _now() -> str:
+def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -201,7 +201,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
 
 
 def _train(cfg: DictConfig, extra_callbacks: list[Callback]) -> dict[str, float]:
-    started, started_at = time.perf_counter(), _now()
+    started, started_at = time.perf_counter(), utc_now()
     check_required(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     pin_ddp_children_to_this_job()
@@ -252,7 +252,7 @@ def write_report(cfg, trainer, module, container, started, started_at, status) -
     run = {
         "output_dir": str(cfg.paths.output_dir),
         "started_at": started_at,
-        "finished_at": _now(),
+        "finished_at": utc_now(),
         "status": status,
         "wall_time_s": time.perf_counter() - started,
     }

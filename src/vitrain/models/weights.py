@@ -45,7 +45,8 @@ class Weights:
 class LoadReport:
     """What loading a file into a model did; `lines()` is what the run prints."""
 
-    source: str
+    source: str  # the setting and the file
+    kind: str  # which weights of the file (Weights.kind)
     loaded: list[str]
     reinitialised: list[str]
     reinitialised_why: str
@@ -62,7 +63,7 @@ class LoadReport:
             reinit += f" ({self.reinitialised_why})"
         resampled = ", ".join(f"{k} {list(a)} -> {list(b)}" for k, a, b in self.resampled)
         return [
-            self.source,
+            f"{self.source}: {self.kind}",
             f"  loaded          {len(self.loaded)} tensors",
             f"  re-initialised  {reinit}",
             f"  resampled       {resampled or 'none'}",
@@ -100,6 +101,19 @@ def read_checkpoint(path: str | Path, setting: str) -> dict:
             "safetensors files and torch.save files that need no code to unpickle (a state dict "
             "or a checkpoint holding one): re-save it with torch.save(model.state_dict(), path)."
         ) from None
+
+
+def read_run_checkpoint(path: str | Path, setting: str) -> dict:
+    """A checkpoint train.py wrote: Lightning's, with the module's settings (hyper_parameters:
+    create_vit's arguments, the recipe) and the datamodule's (datamodule_hyper_parameters)."""
+    checkpoint = read_checkpoint(path, setting)
+    if "model" not in (checkpoint.get("hyper_parameters") or {}):
+        raise UserError(
+            f"{setting}={path} is not a checkpoint of a vitrain run (it has no model settings): "
+            "give a .ckpt from a run's checkpoints/ folder. Other weights start a training run "
+            "with model.init_from=<file>."
+        )
+    return checkpoint
 
 
 def select_weights(checkpoint: dict, ema: bool) -> Weights:
@@ -191,7 +205,8 @@ def load_weights(
         )
     result = model.load_state_dict(tensors, strict=False)
     report = LoadReport(
-        source=f"{setting}={path}: {weights.kind}",
+        source=f"{setting}={path}",
+        kind=weights.kind,
         loaded=loaded,
         reinitialised=reinitialised,
         reinitialised_why=why,
