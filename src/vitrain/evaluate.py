@@ -151,26 +151,32 @@ def _evaluate(cfg: DictConfig, extra_callbacks: list[Callback]) -> dict[str, flo
             batches=cfg.speed.batches,
             latency_runs=cfg.speed.latency_runs,
         )
-        metrics_seen = {**metrics, "images": counter.images}
-        report = build_eval_report(cfg, trainer, module, checkpoint, loaded, metrics_seen, speed)
-        report["environment"] = capture_environment(cfg.paths.root_dir, container)
-        report["run"] |= {"started_at": started_at, "wall_time_s": time.perf_counter() - started}
+        run = {
+            "output_dir": str(cfg.paths.output_dir),
+            "started_at": started_at,
+            "finished_at": utc_now(),
+            "wall_time_s": time.perf_counter() - started,
+        }
+        results = {**metrics, "images": counter.images}
+        report = build_eval_report(
+            cfg, trainer, module, checkpoint, loaded, run, results, speed, container
+        )
         path = write_json_atomic(redact(report), Path(cfg.paths.output_dir) / REPORT_NAME)
         print(f"\n{format_eval_summary(report)}\n  eval report: {path}", flush=True)
     return metrics
 
 
 def build_eval_report(
-    cfg, trainer, module, checkpoint, loaded: LoadReport, metrics: dict, speed: dict
+    cfg, trainer, module, checkpoint, loaded: LoadReport, run, metrics, speed, container
 ) -> dict:
-    """eval_report.json: what was evaluated, how, its metrics and speed (and, added by the
-    caller, the environment block of run_report.json)."""
+    """eval_report.json: what was evaluated and how, its metrics and speed, and the environment
+    block of run_report.json."""
     ckpt = Path(cfg.ckpt_path).resolve()
     hparams = checkpoint["hyper_parameters"]
     trained_data = checkpoint.get("datamodule_hyper_parameters") or {}
     return {
         "schema": SCHEMA,
-        "run": {"output_dir": str(cfg.paths.output_dir), "finished_at": utc_now()},
+        "run": run,
         "checkpoint": {
             "path": str(ckpt),
             # a run's checkpoints live in <run dir>/checkpoints/
@@ -203,6 +209,7 @@ def build_eval_report(
         "overrides": hydra_overrides(),
         "metrics": metrics,
         "speed": speed,
+        "environment": capture_environment(cfg.paths.root_dir, container),
     }
 
 
