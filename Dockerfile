@@ -58,7 +58,7 @@ COPY src/ src/
 # --no-deps: everything vitrain needs is installed above; editable, so that a checkout mounted
 # over /workspace/vitrain runs as it is.
 RUN python -m pip install --no-deps --editable .
-COPY train.py ./
+COPY train.py eval.py ./
 COPY conf/ conf/
 COPY bench/ bench/
 

@@ -39,6 +39,8 @@ RECIPE = {
     "betas": [0.9, 0.999],
     "eps": 1e-8,
     "fused": None,
+    "for_trained_weights": False,
+    "layer_decay": None,
     "warmup_epochs": 0,
     "warmup_lr": 1e-6,
     "min_lr": 1e-5,

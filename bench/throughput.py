@@ -131,6 +131,7 @@ def run_raw(cfg, warmup: int, steps: int, device: torch.device) -> dict:
         opt=recipe["optimizer"],
         lr=learning_rate(recipe, batch),
         weight_decay=recipe["weight_decay"],
+        layer_decay=recipe["layer_decay"],
         betas=tuple(recipe["betas"]),
         eps=recipe["eps"],
         **({"fused": True} if fused else {}),

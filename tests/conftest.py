@@ -23,9 +23,11 @@ TINY = ["experiment=quickstart", "logger=csv", "trainer.enable_progress_bar=fals
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def compose_config(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
-    """The config `python train.py <overrides>` would get, with its run directory at output_dir."""
-    return vitrain_config.compose_config(ROOT / "conf", overrides, output_dir)
+def compose_config(
+    overrides: list[str], output_dir: Path | None = None, name: str = "train"
+) -> DictConfig:
+    """The config `python <name>.py <overrides>` would get, with its run directory at output_dir."""
+    return vitrain_config.compose_config(ROOT / "conf", overrides, output_dir, name)
 
 
 def run_train(overrides: list[str], output_dir: Path, callbacks=()) -> dict:
@@ -36,13 +38,20 @@ def run_train(overrides: list[str], output_dir: Path, callbacks=()) -> dict:
     return train(compose_config(overrides, output_dir), callbacks=callbacks)
 
 
-def run_cli(args: list[str], tmp_path: Path, timeout: int = 600, env: dict | None = None):
-    """`python train.py <args>` with logs under tmp_path; returns the CompletedProcess."""
+def run_cli(
+    args: list[str],
+    tmp_path: Path,
+    timeout: int = 600,
+    env: dict | None = None,
+    script: str = "train.py",
+):
+    """`python <script> <args>` (train.py, eval.py) with logs under tmp_path; returns the
+    CompletedProcess."""
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_API")}
     child_env.update({"VITRAIN_LOG_DIR": str(tmp_path / "logs"), "PYTHONUNBUFFERED": "1"})
     child_env.update(env or {})
     return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
+        [sys.executable, str(ROOT / script), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -73,6 +82,24 @@ REAL_RUN = [
     "callbacks=base",
     "trainer.enable_progress_bar=false",
 ]
+
+
+@pytest.fixture(scope="session")
+def ema_run(tmp_path_factory) -> tuple[Path, dict]:
+    """A short real run with EMA weights (recipe.ema): its directory, whose last.ckpt holds the
+    average and the raw weights, and its final metrics (validation sees the average)."""
+    out = tmp_path_factory.mktemp("ema_run")
+    metrics = run_train(
+        [
+            *TINY,
+            "trainer.max_epochs=2",
+            "trainer.limit_train_batches=4",
+            "recipe.ema=true",
+            "recipe.ema_decay=0.9",
+        ],
+        out,
+    )
+    return out, metrics
 
 
 @pytest.fixture(scope="session")

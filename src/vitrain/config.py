@@ -1,8 +1,12 @@
-"""Config nodes generated from code, registered in Hydra's ConfigStore before composing."""
+"""Config nodes generated from code, registered in Hydra's ConfigStore before composing; the
+check of values the user must give."""
 
 import inspect
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from vitrain.errors import UserError
 
 # vitrain builds these itself from the logger/ and callbacks/ groups.
 _TRAINER_ARGS_BUILT_BY_VITRAIN = {"logger", "callbacks"}
@@ -26,16 +30,25 @@ def lightning_trainer_defaults() -> dict:
     return node
 
 
+def checkpoint_data(key: str, *, _root_: DictConfig):
+    """`${checkpoint_data:<key>}` (conf/eval.yaml): a data setting of ckpt_path's run."""
+    from vitrain.evaluate import checkpoint_data_facts
+
+    return checkpoint_data_facts(str(_root_.ckpt_path))[key]
+
+
 def register_configs() -> None:
-    """Store generated nodes; call before hydra.main or hydra.compose."""
+    """Store generated nodes and register vitrain's resolvers; call before hydra.main or
+    hydra.compose."""
     ConfigStore.instance().store(
         group="trainer", name="lightning_defaults", node=lightning_trainer_defaults()
     )
+    OmegaConf.register_new_resolver("checkpoint_data", checkpoint_data, replace=True)
 
 
-def compose_config(config_dir: str, overrides: list[str], output_dir=None):
-    """The config `python train.py <overrides>` gets, outside a Hydra run (tests, benchmarks):
-    composed from config_dir, with the run directory at output_dir."""
+def compose_config(config_dir: str, overrides: list[str], output_dir=None, name: str = "train"):
+    """The config `python <name>.py <overrides>` gets (train.py, eval.py), outside a Hydra run
+    (tests, benchmarks): composed from config_dir, with the run directory at output_dir."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
@@ -44,7 +57,7 @@ def compose_config(config_dir: str, overrides: list[str], output_dir=None):
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        cfg = compose(name, overrides=overrides, return_hydra_config=True)
     if output_dir is not None:
         with open_dict(cfg):
             cfg.hydra.runtime.output_dir = str(output_dir)
@@ -53,3 +66,25 @@ def compose_config(config_dir: str, overrides: list[str], output_dir=None):
     with open_dict(cfg):
         del cfg.hydra
     return cfg
+
+
+def check_required(cfg: DictConfig) -> None:
+    """Every `???` of the config given a value (experiment=finetune's model.init_from, eval's
+    ckpt_path): else one error naming them, before anything is built."""
+    # Read unresolved: an interpolation may depend on the missing value (eval's data settings
+    # read the checkpoint at ckpt_path).
+    missing = sorted(_missing_keys(OmegaConf.to_container(cfg, resolve=False)))
+    if missing:
+        settings = " ".join(f"{key}=..." for key in missing)
+        raise UserError(f"{', '.join(missing)} must be given for this run: add {settings}.")
+
+
+def _missing_keys(node, key: str = ""):
+    if isinstance(node, dict):
+        for name, value in node.items():
+            yield from _missing_keys(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _missing_keys(value, f"{key}[{index}]")
+    elif node == "???":
+        yield key

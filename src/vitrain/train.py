@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from vitrain.checkpointing import AtomicCheckpointIO, resume_checkpoint
+from vitrain.config import check_required
 from vitrain.container import setup_container
 from vitrain.data.resolution import plan_of
 from vitrain.data.sizing import per_device_batch_size
@@ -119,6 +120,12 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
 
 
 def build_module(cfg: DictConfig) -> ViTClassifier:
+    if cfg.recipe.for_trained_weights and not cfg.model.init_from:
+        raise UserError(
+            "this recipe fine-tunes trained weights (recipe.for_trained_weights=true: a low "
+            "learning rate, layer decay, a short warm-up): give them with "
+            "model.init_from=<vitrain checkpoint, .safetensors or .pth file>."
+        )
     model = OmegaConf.to_container(cfg.model, resolve=True)
     resolution = plan_of(cfg.data)
     # Trained at other sizes than it evaluates at: the position embedding follows the input.
@@ -179,7 +186,7 @@ def check_output_dir(output_dir: Path, ckpt_bytes: int) -> None:
         )
 
 
-def _now() -> str:
+def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -211,7 +218,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
 
 
 def _train(cfg: DictConfig, extra_callbacks: list[Callback]) -> dict[str, float]:
-    started, started_at = time.perf_counter(), _now()
+    started, started_at = time.perf_counter(), utc_now()
+    check_required(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     pin_ddp_children_to_this_job()
     container = setup_container(cfg.container)
@@ -261,7 +269,7 @@ def write_report(cfg, trainer, module, container, started, started_at, status) -
     run = {
         "output_dir": str(cfg.paths.output_dir),
         "started_at": started_at,
-        "finished_at": _now(),
+        "finished_at": utc_now(),
         "status": status,
         "wall_time_s": time.perf_counter() - started,
     }

@@ -1,4 +1,4 @@
-"""timm ViTs from config: random init, no download, sized by the data."""
+"""timm ViTs from config: sized by the data, random init or weights from a file, no download."""
 
 import difflib
 
@@ -6,6 +6,7 @@ import timm
 from torch import nn
 
 from vitrain.errors import UserError
+from vitrain.models.weights import load_weights, print_report
 
 
 def create_vit(
@@ -19,8 +20,14 @@ def create_vit(
     init_values: float | None = None,
     dynamic_img_size: bool = False,
     kwargs: dict | None = None,
+    init_from: str | None = None,
+    init_from_ema: bool = True,
 ) -> nn.Module:
     """A timm VisionTransformer built from `name` with the data's image size and classes.
+
+    init_from: a file of weights to start from (vitrain.models.weights: a vitrain checkpoint, a
+    timm / safetensors or a plain state dict); only the weights, so a run from them starts at step
+    0. init_from_ema: of a vitrain checkpoint with EMA weights, those (true) or the raw ones.
 
     fused_attn: attention through F.scaled_dot_product_attention (flash / memory-efficient
     kernels) instead of timm's explicit softmax(q @ k^T) @ v; set on every attention block, so
@@ -57,4 +64,6 @@ def create_vit(
             module.fused_attn = bool(fused_attn)
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if init_from:
+        print_report(load_weights(model, init_from, ema=init_from_ema))
     return model

@@ -32,6 +32,10 @@ class ViTClassifier(pl.LightningModule):
     configured data.batch_size (the learning rate follows the datamodule's batch when there is
     one: Lightning's batch-size finder may have changed it); compile: a torch.compile mode or
     None (vitrain.runtime.compile_mode decides it); on_nonfinite_loss: faults.on_nonfinite_loss.
+    initialized_from: where model.init_from's weights came from, a record: the saved
+    hyper-parameters keep it here, with model.init_from cleared, so that a module loaded from
+    its own checkpoint (load_from_checkpoint) takes the checkpoint's weights and does not read
+    that file again (which may be gone).
     """
 
     def __init__(
@@ -41,11 +45,18 @@ class ViTClassifier(pl.LightningModule):
         global_batch_size: int,
         compile: str | None = None,
         on_nonfinite_loss: str = "stop",
+        initialized_from: str | None = None,
     ) -> None:
         super().__init__()
         if compile is not None and compile not in COMPILE_MODES:
             raise ValueError(f"compile={compile!r}: a torch.compile mode or None")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["model", "initialized_from"])
+        self.save_hyperparameters(
+            {
+                "model": {**model, "init_from": None},
+                "initialized_from": model.get("init_from") or initialized_from,
+            }
+        )
         self.recipe = recipe
         self.model = create_vit(**model)
         num_classes = model["num_classes"]
@@ -140,12 +151,15 @@ class ViTClassifier(pl.LightningModule):
                 f"kernel ({', '.join(FUSED_OPTIMIZERS)} have): set recipe.fused=null."
             )
         # timm leaves out of weight decay: 1-d parameters (norms, biases) and no_weight_decay()
-        # (position embedding, class token).
+        # (position embedding, class token), with or without layer decay. recipe.layer_decay:
+        # timm's param_groups_layer_decay, one group per layer of the model's group_matcher with
+        # an `lr_scale` that timm's scheduler multiplies the learning rate by.
         optimizer = create_optimizer_v2(
             self.model,
             opt=recipe["optimizer"],
             lr=self.learning_rate,
             weight_decay=recipe["weight_decay"],
+            layer_decay=recipe["layer_decay"],
             betas=tuple(recipe["betas"]),
             eps=recipe["eps"],
             **({"fused": True} if fused else {}),

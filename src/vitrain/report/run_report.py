@@ -141,7 +141,7 @@ def profile_rows(profile: dict | None, top: int = 3) -> list[tuple[str, str]]:
     ]
 
 
-def _choice(group: str, default: Any) -> Any:
+def hydra_choice(group: str, default: Any) -> Any:
     """The config group option this run chose (model=vit_b16 -> vit_b16), when Hydra ran it."""
     from hydra.core.hydra_config import HydraConfig
 
@@ -150,7 +150,7 @@ def _choice(group: str, default: Any) -> Any:
     return default
 
 
-def _overrides() -> list[str]:
+def hydra_overrides() -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
@@ -176,12 +176,12 @@ def build_run_report(
 
     global_batch = trainer.datamodule.batch_size
     config = {
-        "model": _choice("model", cfg.model.name),
+        "model": hydra_choice("model", cfg.model.name),
         "model_name": cfg.model.name,
         "params": sum(p.numel() for p in module.model.parameters()),
         "image_size": cfg.data.image_size,
         "num_classes": cfg.data.num_classes,
-        "data": _choice("data", None),
+        "data": hydra_choice("data", None),
         "precision": str(trainer.precision),
         "strategy": type(trainer.strategy).__name__,
         "accelerator": trainer.strategy.root_device.type,
@@ -202,7 +202,7 @@ def build_run_report(
         "schema": SCHEMA,
         "run": run,
         "config": config,
-        "overrides": _overrides(),
+        "overrides": hydra_overrides(),
         "environment": capture_environment(cfg.paths.root_dir, container),
         "epochs": epochs,
         "summary": summarize(
