@@ -29,32 +29,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(strong and weak scaling efficiency); --csv writes those rows",
     )
     args = parser.parse_args(argv)
-    if args.scaling:
-        return _scaling(args)
     try:
-        comparison = compare(load_reports(args.paths), args.baseline)
+        reports = load_reports(args.paths)
+        table = scaling(reports) if args.scaling else compare(reports, args.baseline)
+        plotted = compare(reports) if args.scaling and args.plot else table
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(to_markdown(comparison))
+    print(scaling_markdown(table) if args.scaling else to_markdown(table))
     if args.csv:
-        write_csv(comparison, args.csv)
+        (write_scaling_csv if args.scaling else write_csv)(table, args.csv)
     if args.plot:
-        plot(comparison, args.plot)
-    return 0
-
-
-def _scaling(args) -> int:
-    try:
-        table = scaling(load_reports(args.paths))
-    except ReportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(scaling_markdown(table))
-    if args.csv:
-        write_scaling_csv(table, args.csv)
-    if args.plot:
-        plot(compare(load_reports(args.paths)), args.plot)
+        plot(plotted, args.plot)
     return 0
 
 
