@@ -1,5 +1,6 @@
 """ImageNet-style ImageFolder data: root/train/<class>/*.JPEG and root/val/<class>/*.JPEG."""
 
+import os
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -10,7 +11,7 @@ from vitrain.data.batching import auto_num_workers, per_device_batch_size
 from vitrain.data.decode import DeviceNormalize, sample_transform
 from vitrain.data.images import RobustImageFolder
 from vitrain.data.transforms import eval_transform, train_transform
-from vitrain.errors import UserError
+from vitrain.errors import UserError, docker_hint
 
 SPLITS = ("train", "val")
 # fast: decode.py's uint8 path, normalised on the device; pil: timm's create_transform on PIL
@@ -58,24 +59,37 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def check(self) -> None:
         """Fail before training, naming the path and the override, if the layout is wrong."""
+        # In a container data.root is a path inside it: the fix is the host folder mounted there.
+        mount = docker_hint(
+            "mount the host folder there; compose mounts IMAGENET_DIR=/host/imagenet "
+            "(read-only) at /data/imagenet, and creates an empty folder when it is not set"
+        )
         if not self.root.is_dir():
             raise UserError(
                 f"data.root={self.root} does not exist: point data.root=/path/to/imagenet at a "
                 "folder with train/ and val/ class folders (README 'ImageNet layout'), or run "
-                "experiment=quickstart."
+                f"experiment=quickstart.{mount}"
             )
         for split in SPLITS:
             split_dir = self.root / split
-            classes = (
-                sorted(p.name for p in split_dir.iterdir() if p.is_dir())
-                if split_dir.is_dir()
-                else []
-            )
+            try:
+                classes = (
+                    sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+                    if split_dir.is_dir()
+                    else []
+                )
+            except OSError as err:
+                raise UserError(
+                    f"data.root={self.root}: cannot read {split_dir} ({err.strerror or err}): "
+                    f"give this user (id {os.getuid()}) read access to it, or point "
+                    "data.root at a readable copy."
+                ) from None
             if not classes:
                 raise UserError(
                     f"data.root={self.root} has no class folders in {split_dir}: expected "
                     f"{self.root}/{split}/<class>/<image files>. Point data.root=/path/to/imagenet "
-                    "at such a folder (README 'ImageNet layout'), or run experiment=quickstart."
+                    f"at such a folder (README 'ImageNet layout'), or run experiment=quickstart."
+                    f"{mount}"
                 )
             if len(classes) != self.num_classes:
                 raise UserError(
