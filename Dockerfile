@@ -1,15 +1,12 @@
-# syntax=docker/dockerfile:1
 # vitrain on NVIDIA's NGC PyTorch image: torch, torchvision, CUDA, cuDNN and NCCL stay exactly as
 # NVIDIA built and tested them; pip adds only vitrain's other dependencies. See docs/docker.md.
 #   docker build -t vitrain:ngc .        (or: docker compose build train)
+# No `# syntax=` line: BuildKit would fetch that frontend from Docker Hub for every build (which
+# fails offline); the builder's own frontend reads this file.
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.12-py3
 FROM ${BASE_IMAGE}
 
 ARG BASE_IMAGE
-# The host user's ids (compose passes VITRAIN_UID / VITRAIN_GID), so that the files written to
-# the mounted logs belong to that user. Not UID: bash owns that name.
-ARG VITRAIN_UID=1000
-ARG VITRAIN_GID=1000
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV VITRAIN_IMAGE=ngc \
@@ -43,8 +40,14 @@ RUN python -m pip install --constraint "${PIP_CONSTRAINT}" \
       "matplotlib>=3.7" \
       "webdataset>=1.0"
 
-# A non-root user with the host user's ids (Ubuntu 24.04 images already have `ubuntu` at 1000),
-# and the mount points it writes to: data (digits is written there), logs, wandb, caches.
+# The host user's ids (compose passes VITRAIN_UID / VITRAIN_GID), so that the files written to
+# the mounted folders belong to that user. Not UID: bash owns that name. Declared here, after
+# the installs: a build argument in scope is part of every later RUN's cache key, and declared
+# at the top it made each new pair of ids reinstall every dependency.
+ARG VITRAIN_UID=1000
+ARG VITRAIN_GID=1000
+# A non-root user with those ids (Ubuntu 24.04 images already have `ubuntu` at 1000), and the
+# mount points it writes to: data (digits is written there), logs, wandb, caches.
 RUN if id -u ubuntu >/dev/null 2>&1; then userdel ubuntu; fi \
  && groupadd --non-unique --gid "${VITRAIN_GID}" vitrain \
  && useradd --non-unique --uid "${VITRAIN_UID}" --gid "${VITRAIN_GID}" --create-home \

@@ -1,5 +1,6 @@
 """The container files, checked without a Docker engine: both Dockerfiles (hadolint, and what
-their pip installs may change), docker-compose.yml, .dockerignore and the A/B script."""
+their pip installs may change), docker-compose.yml, .dockerignore and the A/B script. The images
+built and run: tests/test_docker_engine.py."""
 
 import json
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pip
 import pytest
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -34,6 +36,11 @@ TORCH = {"torch", "torchvision"}
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 VOLUME = re.compile(r"(\$\{[^}]+\}|[^:]+):([^:]+)(?::(\w+))?")  # source:target[:mode]
 NGC_TAG = re.compile(r"nvcr\.io/nvidia/pytorch:\d\d\.\d\d-py3")
+IMAGES = {"ngc": "${VITRAIN_NGC_IMAGE:-vitrain:ngc}", "pip": "${VITRAIN_PIP_IMAGE:-vitrain:pip}"}
+GPU_SERVICES = ["train", "train-pip", "ab-ngc", "ab-pip"]
+# Each service without a GPU and the GPU service it mirrors (ab-report needs no GPU itself).
+CPU_TWINS = {"train-cpu": "train", "train-pip-cpu": "train-pip", "ab-ngc-cpu": "ab-ngc"}
+CPU_TWINS |= {"ab-pip-cpu": "ab-pip", "ab-report-cpu": "ab-report"}
 
 
 # --- reading a Dockerfile -------------------------------------------------------------------
@@ -160,6 +167,19 @@ def test_ngc_base_image_is_a_dated_ngc_tag_named_in_the_docs():
     assert NGC_TAG.fullmatch(base), base
     assert instructions(DOCKERFILES["ngc"])[1] == ("FROM", "${BASE_IMAGE}")
     assert base in (ROOT / "docs" / "docker.md").read_text()
+
+
+@pytest.mark.parametrize("image", DOCKERFILES)
+def test_builds_need_no_docker_hub_and_other_ids_reuse_the_installs(image):
+    # A `# syntax=` line makes BuildKit fetch that frontend from Docker Hub on every build: the
+    # build failed offline (found by the real build, tests/test_docker_engine.py).
+    first = DOCKERFILES[image].read_text().splitlines()[0]
+    assert not re.match(r"#\s*syntax\s*=", first), first
+    # A build argument in scope is part of each later RUN's cache key: the ids, declared before
+    # the installs, made every new VITRAIN_UID reinstall torch and the dependencies.
+    steps = instructions(DOCKERFILES[image])
+    ids = [i for i, (name, args) in enumerate(steps) if name == "ARG" and "VITRAIN_UID" in args]
+    assert ids and min(ids) > dependency_install(DOCKERFILES[image])["index"]
 
 
 @pytest.mark.parametrize("image", DOCKERFILES)
@@ -363,7 +383,7 @@ def test_up_starts_training_in_the_ngc_image_only(compose_file):
     services = compose_file["services"]
     assert [name for name, s in services.items() if not s.get("profiles")] == ["train"]
     train = services["train"]
-    assert train["build"]["dockerfile"] == "Dockerfile" and train["image"] == "vitrain:ngc"
+    assert train["build"]["dockerfile"] == "Dockerfile" and train["image"] == IMAGES["ngc"]
     # The image's entrypoint is `python train.py`; the command holds its default overrides, which
     # `docker compose run --rm train <overrides>` replaces.
     assert "entrypoint" not in train
@@ -384,10 +404,10 @@ def test_every_service_builds_an_existing_dockerfile_with_the_users_ids(compose_
         assert (ROOT / build["context"] / build["dockerfile"]).is_file(), name
         assert set(build["args"]) == {"VITRAIN_UID", "VITRAIN_GID"}
         image = "ngc" if build["dockerfile"] == "Dockerfile" else "pip"
-        assert service["image"] == f"vitrain:{image}", name
+        assert service["image"] == IMAGES[image], name
 
 
-@pytest.mark.parametrize("name", ["train", "train-pip", "ab-ngc", "ab-pip"])
+@pytest.mark.parametrize("name", GPU_SERVICES)
 def test_gpu_service_settings(compose_file, name):
     service = compose_file["services"][name]
     devices = service["deploy"]["resources"]["reservations"]["devices"]
@@ -396,9 +416,36 @@ def test_gpu_service_settings(compose_file, name):
     assert service["ulimits"] == {"memlock": -1, "stack": 67108864}  # NVIDIA's recommendation
 
 
-@pytest.mark.parametrize("name", ["train", "train-pip", "ab-ngc", "ab-pip"])
+@pytest.mark.parametrize("name", CPU_TWINS)
+def test_cpu_services_are_the_gpu_ones_without_the_reservation(compose_file, name):
+    """A GPU reservation stops a container where no GPU is (and no override file can remove one
+    in Compose v1): the -cpu services are their GPU twins less the reservation and less the
+    unlimited locked memory (raising it needs CAP_SYS_RESOURCE, which rootless and sandboxed
+    engines lack), in their own profiles."""
+    services = compose_file["services"]
+    cpu, gpu = services[name], services[CPU_TWINS[name]]
+    assert "deploy" not in cpu and cpu["ulimits"] == {"stack": 67108864}
+    assert cpu["profiles"] == (["ab-cpu"] if name.startswith("ab-") else ["cpu"])
+    differ = {"deploy", "ulimits", "profiles", "command", "environment", "depends_on"}
+    assert {k: v for k, v in cpu.items() if k not in differ} == {
+        k: v for k, v in gpu.items() if k not in differ
+    }
+    if name.startswith("ab-"):
+        assert cpu["command"] == gpu["command"]
+        assert cpu["environment"] == [*gpu["environment"], "AB_PRESET=cpu"]
+        chain = {
+            dependency.removesuffix("-cpu"): condition
+            for dependency, condition in cpu.get("depends_on", {}).items()
+        }
+        assert chain == gpu.get("depends_on", {})
+    else:
+        assert cpu["command"] == ["experiment=quickstart"]  # what a CPU can train
+        assert cpu["environment"] == gpu["environment"]
+
+
+@pytest.mark.parametrize("name", [*GPU_SERVICES, *CPU_TWINS])
 def test_data_logs_and_wandb_mounts_match_the_images(compose_file, monkeypatch, name):
-    image = "ngc" if name in ("train", "ab-ngc") else "pip"
+    image = "ngc" if name in ("train", "ab-ngc", "train-cpu", "ab-ngc-cpu") else "pip"
     env = variables(DOCKERFILES[image], "ENV")
     found = mounts(compose_file["services"][name])
     # ImageNet read-only where conf/data/imagenet.yaml looks for it inside the image.
@@ -408,16 +455,20 @@ def test_data_logs_and_wandb_mounts_match_the_images(compose_file, monkeypatch, 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         data_root = compose(config_name="train", overrides=["data=imagenet"]).data.root
     assert found[data_root] == ("${IMAGENET_DIR:-./data/imagenet}", "ro")
+    # The rest of the data folder, writable: the digits are written there, as outside Docker.
+    assert found[env["VITRAIN_DATA_DIR"]] == ("${VITRAIN_DATA:-./data}", "rw")
     assert found[env["VITRAIN_LOG_DIR"]] == ("${VITRAIN_LOGS:-./logs}", "rw")
     wandb_dir = str(Path(env["WANDB_CONFIG_DIR"]).parent)
     assert found[wandb_dir] == ("${VITRAIN_WANDB:-./wandb}", "rw")
 
 
-@pytest.mark.parametrize("name", ["train", "train-pip"])
-def test_wandb_settings_pass_through(compose_file, name):
+@pytest.mark.parametrize("name", ["train", "train-pip", "train-cpu", "train-pip-cpu"])
+def test_wandb_settings_and_the_run_id_pass_through(compose_file, name):
     # A bare name passes the host's value when set, and nothing otherwise (no empty key).
     environment = compose_file["services"][name]["environment"]
-    assert {"WANDB_API_KEY", "WANDB_MODE"} <= set(environment)
+    assert {"WANDB_API_KEY", "WANDB_MODE", "VITRAIN_RUN_ID"} <= set(environment)
+    # SIGTERM saves last.ckpt at the next batch; Compose's default 10 s before SIGKILL is short.
+    assert compose_file["services"][name]["stop_grace_period"] == "2m"
 
 
 def test_ab_runs_both_images_one_after_the_other_then_reports(compose_file):
@@ -434,6 +485,42 @@ def test_ab_runs_both_images_one_after_the_other_then_reports(compose_file):
     assert pip_["depends_on"] == {"ab-ngc": done} and report["depends_on"] == {"ab-pip": done}
     # NGC's entrypoint still runs first: it sets up CUDA forward compatibility.
     assert ngc["entrypoint"][0] == entrypoint(DOCKERFILES["ngc"])[0]
+    assert "deploy" not in report  # it reads run reports: no GPU
+
+
+def compose_v2() -> list[str] | None:
+    """A Compose v2 command: the docker CLI plugin, or VITRAIN_COMPOSE_V2=/path/to/binary."""
+    if os.environ.get("VITRAIN_COMPOSE_V2"):
+        return [os.environ["VITRAIN_COMPOSE_V2"]]
+    if shutil.which("docker"):
+        found = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
+        if found.returncode == 0 and " v2." in found.stdout:
+            return ["docker", "compose"]
+    return None
+
+
+def test_compose_v2_reads_the_file_with_every_profile():
+    """Users have Compose v2; the engine tests run Compose v1 (Debian's). The file must mean the
+    same to both: merge keys (both), no v2-only tags such as !reset."""
+    command = compose_v2()
+    if command is None:
+        pytest.skip("no Compose v2 here: `docker compose` plugin, or VITRAIN_COMPOSE_V2=<binary>")
+    result = subprocess.run(
+        [*command, "--profile", "*", "config", "--format", "json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith(("VITRAIN_", "IMAGENET"))},
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    v1 = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    assert set(services) == set(v1)
+    for name, service in services.items():
+        assert ("deploy" in service) == ("deploy" in v1[name]), name
+        image = "ngc" if service["build"]["dockerfile"] == "Dockerfile" else "pip"
+        assert service["image"] == f"vitrain:{image}", name
 
 
 # --- .dockerignore --------------------------------------------------------------------------
@@ -550,7 +637,11 @@ def test_ab_script_runs_both_images_and_reports_against_pip(tmp_path):
     result = subprocess.run(["bash", script, "report"], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     table = (tmp_path / "ab" / "t" / "synthetic.md").read_text()
-    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if "x |" in line}
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.endswith("x |")}
     assert set(rows) == {"ngc", "pip"}  # the container column tells the rows apart
     assert rows["pip"].endswith("| 1.00x |")  # the baseline
+    # Then what each image holds, one row per run, from its run report.
+    cells = [line.split(" | ") for line in table.splitlines() if line.startswith("| synthetic-")]
+    assert {c[0]: c[1] for c in cells} == {"| synthetic-ngc": "ngc", "| synthetic-pip": "pip"}
+    assert all(torch.__version__ in c for c in cells)
     assert (tmp_path / "ab" / "t" / "synthetic.csv").is_file()

@@ -25,13 +25,18 @@ from vitrain.data.layout import SPLITS, Listing, check_classes, list_split
 from vitrain.data.on_device import DeviceAugment
 from vitrain.data.resolution import ResolutionPlan
 from vitrain.data.sizing import auto_num_workers, per_device_batch_size
-from vitrain.errors import UserError
+from vitrain.errors import UserError, docker_hint
 from vitrain.runtime import training_device
 
 LOADERS = ("fast", "pil")
 LAYOUT_FIX = (
     "point data.root=/path/to/imagenet at a folder with train/ and val/ class folders "
     "(README 'Training on ImageNet'), or run experiment=quickstart"
+)
+# In a container data.root is a path inside it: the fix is the host folder mounted there.
+MOUNT_FIX = (
+    "mount the host folder there; compose mounts IMAGENET_DIR=/host/imagenet (read-only) at "
+    "/data/imagenet, and creates an empty folder when it is not set"
 )
 
 
@@ -84,7 +89,9 @@ class ImageDataModule(pl.LightningDataModule):
             try:
                 self._listings[split] = list_split(self.root_path / split)
             except UserError as err:
-                raise UserError(f"data.root={self.root}: {err}; {LAYOUT_FIX}.") from None
+                raise UserError(
+                    f"data.root={self.root}: {err}; {LAYOUT_FIX}.{docker_hint(MOUNT_FIX)}"
+                ) from None
         return self._listings[split]
 
     @property
@@ -94,7 +101,9 @@ class ImageDataModule(pl.LightningDataModule):
     def split_classes(self) -> dict[str, list[str]]:
         """Each split's class names; sources with another layout (shards) override this."""
         if not self.root_path.is_dir():
-            raise UserError(f"data.root={self.root} does not exist: {LAYOUT_FIX}.")
+            raise UserError(
+                f"data.root={self.root} does not exist: {LAYOUT_FIX}.{docker_hint(MOUNT_FIX)}"
+            )
         return {split: self.listing(split).classes for split in SPLITS}
 
     def check(self) -> None:

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from vitrain.data.imagefolder import ImageFolderDataModule
+from vitrain.errors import UserError, docker_hint
 
 _COMPLETE = ".complete"
 
@@ -16,6 +17,23 @@ def write_digits_imagefolder(root: Path, val_fraction: float, split_seed: int) -
     """Write train/<digit>/*.png and val/<digit>/*.png once; a marker file says it is whole."""
     if (root / _COMPLETE).exists():
         return
+    try:
+        _write(root, val_fraction, split_seed)
+    except OSError as err:
+        # A read-only data mount, or a folder that Docker created as root for the volume.
+        raise UserError(
+            f"cannot write the digits data set to data.root={root} "
+            f"({err.strerror or err}): make {root.parent} writable, or write it elsewhere "
+            "with data.root=/writable/path/digits."
+            + docker_hint(
+                f"mount a host folder that this user can write at {root.parent}; compose "
+                "mounts VITRAIN_DATA (default ./data) at /data, so run `mkdir -p data` before "
+                "the first run, or `chown` a folder Docker created"
+            )
+        ) from None
+
+
+def _write(root: Path, val_fraction: float, split_seed: int) -> None:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 

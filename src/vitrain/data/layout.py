@@ -6,6 +6,7 @@ torchvision's ImageFolder numbers them: checkpoints move between data=imagenet, 
 imagenet_shards) and which files are images.
 """
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,14 @@ def list_split(split_dir: Path) -> Listing:
     expected = f"expected {split_dir}/<class>/<image files>"
     if not split_dir.is_dir():
         raise UserError(f"{split_dir} does not exist: {expected}")
-    if not any(p.is_dir() for p in split_dir.iterdir()):
+    try:
+        entries = list(split_dir.iterdir())
+    except OSError as err:
+        raise UserError(
+            f"cannot read {split_dir} ({err.strerror or err}): give this user (id "
+            f"{os.getuid()}) read access to it, or point data.root at a readable copy"
+        ) from None
+    if not any(p.is_dir() for p in entries):
         raise UserError(f"{split_dir} has no class folders: {expected}")
     classes, class_to_index = find_classes(str(split_dir))
     try:
