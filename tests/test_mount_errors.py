@@ -42,7 +42,8 @@ def test_digits_already_written_need_no_write_access(tmp_path):
 def test_missing_data_set_in_an_image_names_the_mount(tmp_path, monkeypatch):
     (tmp_path / "imagenet").mkdir()  # what Docker leaves for a bind mount of a missing folder
     monkeypatch.setenv("VITRAIN_IMAGE", "pip")
-    with pytest.raises(UserError, match=r"imagenet/train does not exist.* IMAGENET_DIR=/host/imagenet"):
+    missing = r"imagenet/train does not exist.* IMAGENET_DIR=/host/imagenet"
+    with pytest.raises(UserError, match=missing):
         run_train([*TINY, "data=imagenet", f"data.root={tmp_path}/imagenet"], tmp_path / "run")
 
 
