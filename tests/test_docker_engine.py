@@ -384,7 +384,7 @@ def test_bad_mounts_end_in_vitrains_error(compose_command, images, owner, worksp
     elif fault == "missing data set":
         env = {"IMAGENET_DIR": str(workspace["tmp"] / "no" / "such" / "imagenet")}
         args = ["data=imagenet", "logger=csv"]
-        expected = "error: data.root=/data/imagenet has no class folders"
+        expected = "error: data.root=/data/imagenet: /data/imagenet/train does not exist"
     else:
         workspace["logs"].chmod(0o555)  # as a folder Docker created as root is to the user
         expected = "error: the run directory /workspace/logs/runs/"
