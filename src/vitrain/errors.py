@@ -9,6 +9,9 @@ class UserError(Exception):
 
 
 class Preempted(Exception):
-    """The run was stopped by SIGTERM/SIGUSR1 after saving a checkpoint; exit 143 (128 + 15)."""
+    """The run was stopped by a signal (after saving a checkpoint, where the run saves them);
+    train.py exits with `exit_code`: 143 for SIGTERM and SIGUSR1, 130 for SIGINT."""
 
-    exit_code = 143
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -17,7 +17,6 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import BatchSizeFinder, Callback, LearningRateMonitor
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from vitrain.checkpointing import AtomicCheckpointIO, resume_checkpoint
@@ -28,6 +27,7 @@ from vitrain.launch import job_environment, pin_ddp_children_to_this_job
 from vitrain.loggers import build_loggers, finish_loggers
 from vitrain.models import ViTClassifier
 from vitrain.perf import SpeedMonitor
+from vitrain.preemption import STOP_SIGNALS, Stopped
 from vitrain.report.run_report import (
     REPORT_NAME,
     build_run_report,
@@ -217,11 +217,13 @@ def _train(cfg: DictConfig, extra_callbacks: list[Callback]) -> dict[str, float]
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         status = "interrupted" if trainer.interrupted else "finished"
-    except SIGTERMException:
+    except Stopped as stop:
         status = "preempted"
+        saved = f"checkpoint saved to {stop.checkpoint}" if stop.checkpoint else "no checkpoint"
         raise Preempted(
-            f"stopped by a signal; checkpoint saved to {output_dir / 'checkpoints' / 'last.ckpt'}."
-            f" Resume with the same command plus hydra.run.dir={output_dir}"
+            f"{stop} at global step {trainer.global_step}; {saved}. Resume with the same command "
+            f"plus hydra.run.dir={output_dir}",
+            exit_code=stop.exit_code,
         ) from None
     except torch.cuda.OutOfMemoryError:
         world, batch = trainer.world_size, datamodule.batch_size  # the batch that trained
@@ -233,9 +235,12 @@ def _train(cfg: DictConfig, extra_callbacks: list[Callback]) -> dict[str, float]
             "model.grad_checkpointing=true (less memory for more compute)."
         ) from None
     finally:
-        if trainer.is_global_zero:
-            write_report(cfg, trainer, module, container, started, started_at, status)
-        finish_loggers(trainer.loggers)
+        try:
+            if trainer.is_global_zero:
+                write_report(cfg, trainer, module, container, started, started_at, status)
+            finish_loggers(trainer.loggers)
+        finally:
+            STOP_SIGNALS.restore()  # only now: a burst of signals cannot end the run before this
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 
