@@ -19,7 +19,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import BatchSizeFinder, Callback, LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from vitrain.checkpointing import AtomicCheckpointIO, resume_checkpoint
+from vitrain.checkpointing import AtomicCheckpointIO, choose_checkpoint
 from vitrain.container import setup_container
 from vitrain.data.sizing import per_device_batch_size
 from vitrain.errors import Preempted, UserError
@@ -166,18 +166,6 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
-    """ckpt_path when given; with resume=auto, this run directory's last checkpoint."""
-    if cfg.resume not in ("auto", "never"):
-        raise UserError(f"resume={cfg.resume} is not one of auto, never.")
-    if cfg.ckpt_path:
-        return str(cfg.ckpt_path)
-    last = resume_checkpoint(output_dir) if cfg.resume == "auto" else None
-    if last is not None:
-        print(f"resume=auto: continuing from {last}", flush=True)
-    return str(last) if last else None
-
-
 def scrub_hydra_files(output_dir: Path) -> None:
     """Hydra saved the config and overrides before vitrain ran: take credentials out of them."""
     for path in (output_dir / ".hydra").glob("*.yaml"):
@@ -207,12 +195,13 @@ def _train(cfg: DictConfig, extra_callbacks: list[Callback]) -> dict[str, float]
     callbacks = [*extra_callbacks, *build_callbacks(cfg, with_loggers=bool(loggers))]
     trainer = build_trainer(cfg, callbacks, loggers)
     preflight(cfg, trainer, module)
+    # Before any logger writes: a resume that cannot go ahead changes no file of the run.
+    ckpt_path = choose_checkpoint(cfg, output_dir, module)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["container_detected"] = container
     with redacted_argv():  # wandb starts its run here and records the command line
         for logger in trainer.loggers:
             logger.log_hyperparams(redact(resolved))
-    ckpt_path = resolve_ckpt_path(cfg, output_dir)
     status = "failed"
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
