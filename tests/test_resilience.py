@@ -1,6 +1,7 @@
 """Runs survive preemption, bad data and bad settings: nothing lost, every error clear."""
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -64,6 +65,10 @@ def test_sigterm_mid_epoch_saves_and_resume_ends_at_the_uninterrupted_step(tmp_p
 
     run_train(overrides, tmp_path / "cut")  # resume=auto finds checkpoints/last.ckpt
     assert last_step(tmp_path / "cut") == whole_steps
+    report = json.loads((tmp_path / "cut" / "run_report.json").read_text())
+    assert [a["status"] for a in report["attempts"]] == ["preempted", "finished"]
+    assert [a["start_step"] for a in report["attempts"]] == [0, 8]
+    assert [e["epoch"] for e in report["epochs"]] == [0, 1, 2]  # epoch 1 ends in attempt 2
 
 
 # Stop signals under DDP: SIGTERM/SIGINT/SIGUSR1 to one rank or to all stop every rank at the same

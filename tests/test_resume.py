@@ -1,7 +1,9 @@
 """Resuming a run: from the newest readable checkpoint, into the same history, changing nothing
 when it cannot go ahead."""
 
+import csv
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -131,3 +133,21 @@ def test_checkpoints_the_resumed_state_does_not_know_are_moved_aside(three_epoch
     assert step_of(run / "checkpoints" / "last.ckpt") == 4 * STEPS
     assert stale not in best_checkpoints(run) and len(best_checkpoints(run)) == 1
     assert [p.name for p in (run / "checkpoints" / "superseded").rglob("*.ckpt")] == [stale]
+
+
+def test_a_resumed_run_keeps_the_history_of_every_attempt(three_epochs):
+    """The fixture's run: attempt 1 trained epoch 0, attempt 2 resumed and trained epochs 1-2."""
+    run = three_epochs / "pristine"
+    with open(run / "csv" / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    epochs = {(row["attempt"], row["epoch"]) for row in rows if row.get("perf/epoch_time_s")}
+    assert epochs == {("1", "0"), ("2", "1"), ("2", "2")}  # attempt 1's rows are kept
+    report = json.loads((run / "run_report.json").read_text())
+    assert [e["epoch"] for e in report["epochs"]] == [0, 1, 2]
+    assert report["summary"]["epochs_run"] == 3 and report["summary"]["attempts"] == 2
+    first, second = report["attempts"]
+    assert [first["attempt"], second["attempt"]] == [1, 2]
+    assert first["status"] == second["status"] == "finished"
+    assert first["resumed_from"] is None and first["start_step"] == 0
+    assert second["resumed_from"].endswith("last.ckpt") and second["start_step"] == STEPS
+    assert first["started_at"] <= second["started_at"] and first["end_step"] == STEPS

@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -54,6 +54,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+class ResumePoint(NamedTuple):
+    """The checkpoint a run resumes from, and where in the run it was written."""
+
+    path: Path
+    epoch: int
+    global_step: int
 
 
 class Unreadable(Exception):
@@ -171,7 +179,9 @@ def remove_temporaries(checkpoint_dir: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def choose_checkpoint(cfg: DictConfig, output_dir: Path, module: torch.nn.Module) -> Path | None:
+def choose_checkpoint(
+    cfg: DictConfig, output_dir: Path, module: torch.nn.Module
+) -> ResumePoint | None:
     """The checkpoint to resume from: `ckpt_path` when given; with resume=auto the newest
     readable checkpoint of this run directory (newer unreadable ones are moved aside with a
     warning); with resume=never none. Checkpoints of the run directory that the chosen state
@@ -207,10 +217,11 @@ def choose_checkpoint(cfg: DictConfig, output_dir: Path, module: torch.nn.Module
             f"moved {', '.join(p.name for p in unknown)} to {target}: {why}, and a stale best "
             "checkpoint must not stay beside this run's own."
         )
-    if chosen is not None:
-        step = f"epoch {checkpoint['epoch']}, global step {checkpoint['global_step']}"
-        log.info(f"resuming from {chosen} ({step})")
-    return chosen
+    if chosen is None:
+        return None
+    point = ResumePoint(chosen, int(checkpoint["epoch"]), int(checkpoint["global_step"]))
+    log.info(f"resuming from {chosen} (epoch {point.epoch}, global step {point.global_step})")
+    return point
 
 
 def _newest_readable(candidates: list[Path], checkpoint_dir: Path) -> tuple[Path, dict]:

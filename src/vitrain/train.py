@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -28,6 +29,7 @@ from vitrain.loggers import build_loggers, finish_loggers
 from vitrain.models import ViTClassifier
 from vitrain.perf import SpeedMonitor
 from vitrain.preemption import STOP_SIGNALS, Stopped
+from vitrain.report.attempts import next_attempt, read_attempts, record_end, record_start
 from vitrain.report.run_report import (
     REPORT_NAME,
     build_run_report,
@@ -182,7 +184,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
 
 
 def _train(cfg: DictConfig, extra_callbacks: list[Callback]) -> dict[str, float]:
-    started, started_at = time.perf_counter(), _now()
+    started, started_at = time.perf_counter(), _now()  # this attempt's
     pl.seed_everything(cfg.seed, workers=True)
     pin_ddp_children_to_this_job()
     container = setup_container(cfg.container)
@@ -191,20 +193,32 @@ def _train(cfg: DictConfig, extra_callbacks: list[Callback]) -> dict[str, float]
     module = build_module(cfg)
     output_dir = Path(cfg.paths.output_dir)
     scrub_hydra_files(output_dir)
-    loggers = build_loggers(cfg.get("logger"), output_dir)
+    attempt = next_attempt(output_dir)
+    loggers = build_loggers(cfg.get("logger"), output_dir, attempt)
     callbacks = [*extra_callbacks, *build_callbacks(cfg, with_loggers=bool(loggers))]
     trainer = build_trainer(cfg, callbacks, loggers)
     preflight(cfg, trainer, module)
     # Before any logger writes: a resume that cannot go ahead changes no file of the run.
-    ckpt_path = choose_checkpoint(cfg, output_dir, module)
+    resume = choose_checkpoint(cfg, output_dir, module)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["container_detected"] = container
     with redacted_argv():  # wandb starts its run here and records the command line
         for logger in trainer.loggers:
             logger.log_hyperparams(redact(resolved))
+    if trainer.is_global_zero:
+        record_start(
+            output_dir,
+            attempt,
+            started_at=started_at,
+            resumed_from=str(resume.path) if resume else None,
+            start_step=resume.global_step if resume else 0,
+            overrides=redact(list(HydraConfig.get().overrides.task))
+            if HydraConfig.initialized()
+            else [],
+        )
     status = "failed"
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None)
         status = "interrupted" if trainer.interrupted else "finished"
     except Stopped as stop:
         status = "preempted"
@@ -226,21 +240,34 @@ def _train(cfg: DictConfig, extra_callbacks: list[Callback]) -> dict[str, float]
     finally:
         try:
             if trainer.is_global_zero:
-                write_report(cfg, trainer, module, container, started, started_at, status)
+                record_end(
+                    output_dir,
+                    attempt,
+                    status=status,
+                    finished_at=_now(),
+                    wall_time_s=time.perf_counter() - started,
+                    end_step=trainer.global_step,
+                )
+                write_report(cfg, trainer, module, container, attempt)
             finish_loggers(trainer.loggers)
         finally:
             STOP_SIGNALS.restore()  # only now: a burst of signals cannot end the run before this
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 
-def write_report(cfg, trainer, module, container, started, started_at, status) -> None:
-    """run_report.json and the printed summary, from what the run's callbacks measured."""
+def write_report(cfg, trainer, module, container, attempt: int) -> None:
+    """run_report.json and the printed summary: the whole run (every attempt recorded in the
+    run directory, every epoch of the checkpoints this attempt continued), from what the run's
+    callbacks measured."""
+    attempts = read_attempts(Path(cfg.paths.output_dir))
+    this = next(a for a in attempts if a["attempt"] == attempt)
     run = {
         "output_dir": str(cfg.paths.output_dir),
-        "started_at": started_at,
-        "finished_at": _now(),
-        "status": status,
-        "wall_time_s": time.perf_counter() - started,
+        "started_at": attempts[0]["started_at"],
+        "finished_at": this["finished_at"],
+        "status": this["status"],
+        # Every attempt's wall time; one killed with -9 recorded none.
+        "wall_time_s": sum(a.get("wall_time_s", 0.0) for a in attempts),
     }
     monitor = next((c for c in trainer.callbacks if isinstance(c, SpeedMonitor)), None)
     finder = next((c for c in trainer.callbacks if isinstance(c, BatchSizeFinder)), None)
@@ -252,6 +279,7 @@ def write_report(cfg, trainer, module, container, started, started_at, status) -
         container,
         run,
         batch_size_found=finder.optimal_batch_size if finder else None,
+        attempts=attempts,
     )
     path = write_json_atomic(redact(report), Path(cfg.paths.output_dir) / REPORT_NAME)
     print(f"\n{format_summary(report)}\n  run report: {path}", flush=True)

@@ -62,7 +62,7 @@ def format_summary(report: dict) -> str:
             f"{c['model']} {c['precision']} {c['strategy']} x{c['devices'] * c['nodes']}"
             f" batch {c['global_batch']} ({c['container']})",
         ),
-        ("epochs", f"{s['epochs_run']} of {c['max_epochs']}"),
+        ("epochs", f"{s['epochs_run']} of {c['max_epochs']}" + _attempts_note(report)),
     ]
     for metric in METRICS:
         label = f"{metric.label} (median)" if metric.summary == STEADY else metric.label
@@ -70,6 +70,11 @@ def format_summary(report: dict) -> str:
         rows.append((label, MISSING if shown is None else f"{metric.format(shown)} {metric.unit}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def _attempts_note(report: dict) -> str:
+    attempts = report.get("attempts") or []
+    return f" ({len(attempts)} attempts)" if len(attempts) > 1 else ""
 
 
 def _choice(group: str, default: Any) -> Any:
@@ -95,8 +100,10 @@ def build_run_report(
     container: dict,
     run: dict,
     batch_size_found: int | None = None,
+    attempts: list[dict] | None = None,
 ) -> dict:
-    """Config essentials, environment, per-epoch figures and their summary.
+    """Config essentials, environment, per-epoch figures and their summary; `attempts`: every
+    attempt of the run (report/attempts.py), `epochs` those of all of them.
 
     The batch is the datamodule's: the one that trained (Lightning's batch-size finder sets it
     there when tune.batch_size=true; batch_size_found is the finder's answer).
@@ -127,12 +134,15 @@ def build_run_report(
         "seed": cfg.seed,
         "tags": list(cfg.tags),
     }
+    summary = summarize(epochs, trainer.max_epochs, run["wall_time_s"])
+    summary["attempts"] = len(attempts or [])
     return {
         "schema": SCHEMA,
         "run": run,
         "config": config,
         "overrides": _overrides(),
         "environment": capture_environment(cfg.paths.root_dir, container),
+        "attempts": attempts or [],
         "epochs": epochs,
-        "summary": summarize(epochs, trainer.max_epochs, run["wall_time_s"]),
+        "summary": summary,
     }
