@@ -3,6 +3,8 @@
 import io
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -294,13 +296,68 @@ def test_run_directory_not_writable_is_an_error(tmp_path):
 
 
 def test_too_little_disk_for_checkpoints_is_an_error(tmp_path, monkeypatch):
-    import shutil
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
-    with pytest.raises(UserError, match=r"has 0.00 GB free, but checkpoints .* need about"):
-        run_train(SHORT, tmp_path)
+    with pytest.raises(UserError, match=r"has 1.0 kB free, but checkpoints .* need about 1"):
+        run_train(SHORT, tmp_path)  # 1000 bytes are 1.0 kB, not "0.00 GB"
+
+
+FILL_THE_DISK = """
+import os, shutil, sys, time
+disk = sys.argv[1]
+while not os.path.exists(os.path.join(disk, "run", "checkpoints", "last.ckpt")):
+    time.sleep(0.05)
+free = shutil.disk_usage(disk).free  # leave 300 kB: room for metrics, none for a checkpoint
+with open(os.path.join(disk, "filler"), "wb") as handle:
+    handle.write(bytes(max(free - 300_000, 0)))
+"""
+
+
+def can_mount_tmpfs() -> bool:
+    probe = "mount -t tmpfs -o size=1m tmpfs /mnt 2>/dev/null || mount -t tmpfs tmpfs /tmp"
+    return shutil.which("unshare") is not None and (
+        subprocess.run(["unshare", "-Urm", "sh", "-c", probe], capture_output=True).returncode == 0
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="needs a tmpfs mount (unshare -Urm)")
+def test_a_disk_that_fills_mid_run_is_one_error_and_leaves_the_last_good_checkpoint(tmp_path):
+    """A 16 MB tmpfs (in a mount namespace of its own) that another process fills after epoch
+    0's checkpoints: epoch 1's save cannot be written."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    train = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *TINY,
+        "trainer.max_epochs=3",
+        "trainer.limit_train_batches=6",
+        "trainer.limit_val_batches=2",
+        f"hydra.run.dir={disk}/run",
+    ]
+    script = (
+        f"mount -t tmpfs -o size=16m tmpfs {disk} && "
+        f"({sys.executable} -c '{FILL_THE_DISK}' {disk} &) && "
+        f"{shlex.join(train)}; code=$?; cp -a {disk}/run {tmp_path}/run; exit $code"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_API")}
+    result = subprocess.run(
+        ["unshare", "-Urm", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        env={**env, "VITRAIN_LOG_DIR": str(tmp_path / "logs")},
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"error: the disk of {disk}/run is full")
+    assert "Traceback" not in result.stderr
+    run = tmp_path / "run"
+    assert last_step(run) == 6  # epoch 0's, whole
+    assert not [p.name for p in run.rglob(".*tmp*")]  # no temporary file anywhere
 
 
 # --- secrets -------------------------------------------------------------------------------

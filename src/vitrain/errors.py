@@ -1,5 +1,10 @@
 """Errors a user can cause and fix from the command line."""
 
+import errno
+
+# "No space left on device" and "Disk quota exceeded": a full disk, whoever filled it.
+FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
 
 class UserError(Exception):
     """A bad setting or missing input: the message names the value and the fix.
@@ -15,3 +20,15 @@ class Preempted(Exception):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def full_disk(err: BaseException | None) -> OSError | None:
+    """The full-disk OSError behind err, if there is one: torch.save turns it into a
+    RuntimeError, Lightning chains further errors onto it."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in FULL_DISK_ERRNOS:
+            return err
+        err = err.__cause__ or err.__context__
+    return None

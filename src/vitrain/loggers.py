@@ -3,6 +3,7 @@ the CSV file keeps the rows of every attempt of a run."""
 
 import csv
 import io
+import logging
 import netrc
 import os
 import uuid
@@ -19,6 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from vitrain.errors import UserError
 from vitrain.lightning_internals import started_wandb_run
+from vitrain.secrets import redact, redacted_argv
+
+log = logging.getLogger(__name__)
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
@@ -87,7 +91,13 @@ class RunMetricsFile:
         self.metrics.append(row)
 
     def log_hparams(self, params: dict[str, Any]) -> None:
-        save_hparams_to_yaml(self.log_dir / "hparams.yaml", params)
+        path = self.log_dir / "hparams.yaml"
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            save_hparams_to_yaml(tmp, params)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def save(self) -> None:
         if not self.metrics:
@@ -152,6 +162,11 @@ class RunCSVLogger(CSVLogger):
             self.save()
 
 
+def wandb_node(node: DictConfig, output_dir: Path, mode: str) -> DictConfig:
+    """The WandbLogger's config with its mode and its run id (one per run directory)."""
+    return OmegaConf.merge(node, {"mode": mode, "id": node.get("id") or wandb_run_id(output_dir)})
+
+
 def build_loggers(
     logger_cfg: DictConfig | None, output_dir: Path, attempt: int = 1
 ) -> list[Logger]:
@@ -160,13 +175,60 @@ def build_loggers(
     loggers = []
     for name, node in (logger_cfg or {}).items():
         if name == "wandb":
-            mode = resolve_wandb_mode(node.get("mode", "auto"))
-            node = OmegaConf.merge(
-                node, {"mode": mode, "id": node.get("id") or wandb_run_id(output_dir)}
-            )
+            node = wandb_node(node, output_dir, resolve_wandb_mode(node.get("mode", "auto")))
         extra = {"attempt": attempt} if name == "csv" else {}
         loggers.append(instantiate(node, _convert_="all", **extra))
     return loggers
+
+
+def start_loggers(
+    loggers: list[Logger], params: dict, logger_cfg: DictConfig | None, output_dir: Path
+) -> list[Logger]:
+    """Log the run's config to each logger, which starts wandb's run; returns the loggers to
+    train with.
+
+    wandb online that cannot reach its server (no network, a firewall, the server down) is
+    replaced by the same run offline, with one warning, and training goes on: the metrics are
+    kept in the run directory and `wandb sync` uploads them later, while stopping would waste
+    the run's compute over a dashboard. A key that wandb refuses (malformed, revoked) is the
+    user's to fix: one error, before training.
+    """
+    started = []
+    with redacted_argv():  # wandb starts its run here and records the command line
+        for logger in loggers:
+            if isinstance(logger, WandbLogger):
+                logger = _start_wandb(logger, params, logger_cfg, output_dir)
+            else:
+                logger.log_hyperparams(params)
+            started.append(logger)
+    return started
+
+
+def _start_wandb(
+    logger: WandbLogger, params: dict, logger_cfg: DictConfig, output_dir: Path
+) -> WandbLogger:
+    import wandb
+    from wandb.errors import AuthenticationError, CommError
+
+    try:
+        logger.log_hyperparams(params)
+        return logger
+    except AuthenticationError as err:
+        raise UserError(
+            f"wandb refused WANDB_API_KEY ({redact(str(err)).splitlines()[0]}): set the key of "
+            "https://wandb.ai/authorize (or `wandb login`), or log offline with "
+            "logger.wandb.mode=offline."
+        ) from None
+    except CommError as err:
+        reason = redact(str(err)).strip().splitlines()[0][:160]
+        log.warning(
+            f"wandb cannot reach its server ({reason}): logging this run offline in "
+            f"{output_dir}/wandb instead; upload it later with `wandb sync`."
+        )
+    wandb.teardown()  # the failed online start still holds the run id
+    offline = instantiate(wandb_node(logger_cfg.wandb, output_dir, "offline"), _convert_="all")
+    offline.log_hyperparams(params)
+    return offline
 
 
 def finish_loggers(loggers: list[Logger]) -> None:

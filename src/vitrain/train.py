@@ -3,11 +3,13 @@
 docs/architecture.md draws the flow; each build_* function owns one part of it.
 """
 
+import contextlib
 import datetime
+import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +22,12 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import BatchSizeFinder, Callback, LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from vitrain.checkpointing import AtomicCheckpointIO, choose_checkpoint
+from vitrain.checkpointing import AtomicCheckpointIO, choose_checkpoint, run_checkpoints
 from vitrain.container import setup_container
 from vitrain.data.sizing import per_device_batch_size
-from vitrain.errors import Preempted, UserError
+from vitrain.errors import Preempted, UserError, full_disk
 from vitrain.launch import job_environment, pin_ddp_children_to_this_job
-from vitrain.loggers import build_loggers, finish_loggers
+from vitrain.loggers import build_loggers, finish_loggers, start_loggers
 from vitrain.models import ViTClassifier
 from vitrain.perf import SpeedMonitor
 from vitrain.preemption import STOP_SIGNALS, Stopped
@@ -37,7 +39,9 @@ from vitrain.report.run_report import (
     write_json_atomic,
 )
 from vitrain.runtime import accelerator_is_cuda, apply_runtime_settings, compile_mode
-from vitrain.secrets import redact, redacted_argv, scrub_yaml_file
+from vitrain.secrets import redact, scrub_yaml_file
+
+log = logging.getLogger(__name__)
 
 # Callbacks that need a logger to write to: left out of a run without one (Lightning refuses it).
 NEED_A_LOGGER = (LearningRateMonitor,)
@@ -158,10 +162,19 @@ def check_output_dir(output_dir: Path, ckpt_bytes: int) -> None:
     free = shutil.disk_usage(output_dir).free
     if free < needed:
         raise UserError(
-            f"{output_dir} has {free / 1e9:.2f} GB free, but checkpoints of this model need about "
-            f"{needed / 1e9:.2f} GB (best + last + one being written): free space, or write "
+            f"{output_dir} has {size_text(free)} free, but checkpoints of this model need about "
+            f"{size_text(needed)} (best + last + one being written): free space, or write "
             "elsewhere with VITRAIN_LOG_DIR=/path/with/space."
         )
+
+
+def size_text(size: int) -> str:
+    """A byte count for a person: 1000 bytes, 3.7 MB, 12.3 GB (never "0.00 GB")."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            value = size / scale
+            return f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
+    return f"{size} bytes"
 
 
 def _now() -> str:
@@ -180,12 +193,31 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
     callbacks: more callbacks for this run (tests, benchmarks), before the configured ones.
     """
     with job_environment():
-        return _train(cfg, list(callbacks))
+        try:
+            return _train(cfg, list(callbacks))
+        except Exception as err:
+            full = full_disk(err)
+            if full is None:
+                raise
+            output_dir = Path(cfg.paths.output_dir)
+            newest = next(iter(run_checkpoints(output_dir / "checkpoints")), None)
+            raise UserError(
+                f"the disk of {output_dir} is full ({full.strerror}); every file was written "
+                "whole or not at all, and the newest checkpoint is "
+                f"{newest or 'none yet'}. Free space, then rerun the same command with "
+                f"hydra.run.dir={output_dir} to resume."
+            ) from None
 
 
 def _train(cfg: DictConfig, extra_callbacks: list[Callback]) -> dict[str, float]:
     started, started_at = time.perf_counter(), _now()  # this attempt's
-    pl.seed_everything(cfg.seed, workers=True)
+    try:
+        pl.seed_everything(cfg.seed, workers=True)
+    except (TypeError, ValueError) as err:
+        raise UserError(
+            f"seed={cfg.seed} is not a seed ({err}): set an integer from 0 to 4294967295, "
+            "e.g. seed=42."
+        ) from None
     pin_ddp_children_to_this_job()
     container = setup_container(cfg.container)
     container["settings"] = apply_runtime_settings(cfg.runtime)
@@ -202,9 +234,8 @@ def _train(cfg: DictConfig, extra_callbacks: list[Callback]) -> dict[str, float]
     resume = choose_checkpoint(cfg, output_dir, module)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["container_detected"] = container
-    with redacted_argv():  # wandb starts its run here and records the command line
-        for logger in trainer.loggers:
-            logger.log_hyperparams(redact(resolved))
+    params = redact(resolved)
+    trainer.loggers = start_loggers(trainer.loggers, params, cfg.get("logger"), output_dir)
     if trainer.is_global_zero:
         record_start(
             output_dir,
@@ -239,20 +270,35 @@ def _train(cfg: DictConfig, extra_callbacks: list[Callback]) -> dict[str, float]
         ) from None
     finally:
         try:
-            if trainer.is_global_zero:
-                record_end(
-                    output_dir,
-                    attempt,
-                    status=status,
-                    finished_at=_now(),
-                    wall_time_s=time.perf_counter() - started,
-                    end_step=trainer.global_step,
-                )
-                write_report(cfg, trainer, module, container, attempt)
-            finish_loggers(trainer.loggers)
+            with unless_disk_full("the run report and the end of the attempt"):
+                if trainer.is_global_zero:
+                    record_end(
+                        output_dir,
+                        attempt,
+                        status=status,
+                        finished_at=_now(),
+                        wall_time_s=time.perf_counter() - started,
+                        end_step=trainer.global_step,
+                    )
+                    write_report(cfg, trainer, module, container, attempt)
+            with unless_disk_full("the loggers' last records"):
+                finish_loggers(trainer.loggers)
         finally:
             STOP_SIGNALS.restore()  # only now: a burst of signals cannot end the run before this
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+
+@contextlib.contextmanager
+def unless_disk_full(what: str) -> Iterator[None]:
+    """At the end of an attempt a full disk costs one warning, not a second traceback on top of
+    the error that ends the run."""
+    try:
+        yield
+    except Exception as err:
+        full = full_disk(err)
+        if full is None:
+            raise
+        log.warning(f"{what} not written: {full.strerror}")
 
 
 def write_report(cfg, trainer, module, container, attempt: int) -> None:

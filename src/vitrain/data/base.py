@@ -58,6 +58,11 @@ class ImageDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.root = root
         self.batch_size = batch_size  # global; Lightning's batch-size finder may change it
+        if num_workers != "auto" and (not isinstance(num_workers, int) or num_workers < 0):
+            raise UserError(  # here, not when the loader is built: before anything runs
+                f"data.num_workers={num_workers} must be 0 (load in the training process), "
+                "a positive number of worker processes, or auto."
+            )
         self.num_workers = num_workers
         self.image_size = image_size
         self.num_classes = num_classes
@@ -83,6 +88,8 @@ class ImageDataModule(pl.LightningDataModule):
 
     def split_classes(self) -> dict[str, list[str]]:
         """Each split's class names; sources with another layout (shards) override this."""
+        if self.root_path.exists() and not self.root_path.is_dir():
+            raise UserError(f"data.root={self.root} is a file, not a folder: {LAYOUT_FIX}.")
         if not self.root_path.is_dir():
             raise UserError(f"data.root={self.root} does not exist: {LAYOUT_FIX}.")
         return {split: self.listing(split).classes for split in SPLITS}
@@ -102,13 +109,7 @@ class ImageDataModule(pl.LightningDataModule):
         """data.num_workers, or with `auto` this process's share of the node's CPUs."""
         if self.num_workers == "auto":
             return auto_num_workers(self.trainer.num_devices if self.trainer else 1)
-        workers = int(self.num_workers)
-        if workers < 0:
-            raise UserError(
-                f"data.num_workers={self.num_workers} must be 0 (load in the training process), "
-                "a positive number of worker processes, or auto."
-            )
-        return workers
+        return self.num_workers
 
     # --- on the device ---------------------------------------------------------------------
     def prepare_batch(self, batch: Batch, training: bool) -> Batch:
