@@ -17,6 +17,7 @@ from conftest import ROOT, TINY, run_train
 from ddp_ranks import DdpRun
 from lightning.pytorch import Callback
 from PIL import Image
+from sample_recorder import COLOUR_RUN, samples_of_epoch
 
 from vitrain.checkpointing import AtomicCheckpointIO
 from vitrain.data.check import main as check_main
@@ -76,16 +77,32 @@ def test_sigterm_mid_epoch_saves_and_resume_ends_at_the_uninterrupted_step(tmp_p
 # Stop signals under DDP: SIGTERM/SIGINT/SIGUSR1 to one rank or to all stop every rank at the same
 # batch, after one save. tests/preemption_loop.py repeats this 20 times per case (not in CI).
 STOP_BOUND_S = 30  # from the signal to the exit of the last rank, on a loaded 2-core machine
+# 48 one-colour images numbered by their colour (sample_recorder): 6 steps per epoch on 2 ranks.
+DDP_COLOURS = [*TINY, *COLOUR_RUN, "strategy=ddp_cpu", "data.num_workers=1"]
 
 
-def start_ddp_run(run_dir: Path, workdir: Path, max_epochs: int = 100) -> DdpRun:
+def ddp_colour_run(data: str, colours: Path, tmp_path: Path, max_epochs: int) -> list[str]:
+    """train.py's arguments: DDP on the colour folder (data=imagenet) or its shards, each
+    rank recording its batches' samples in tmp_path/samples."""
+    root = colours / ("shards" if data == "imagenet_shards" else "folder")
+    return [
+        *DDP_COLOURS,
+        f"data={data}",
+        f"data.root={root}",
+        f"trainer.max_epochs={max_epochs}",
+        "+callbacks.recorder._target_=sample_recorder.SampleRecorder",
+        f"+callbacks.recorder.out_dir={tmp_path / 'samples'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+
+
+def ddp_env(workdir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_API")}
-    env.update({"VITRAIN_LOG_DIR": str(workdir / "logs"), "PYTHONUNBUFFERED": "1"})
-    args = [*TINY, "strategy=ddp_cpu", f"trainer.max_epochs={max_epochs}"]
-    return DdpRun([*args, "trainer.limit_val_batches=2", f"hydra.run.dir={run_dir}"], workdir, env)
+    path = [str(ROOT / "tests"), *filter(None, [env.get("PYTHONPATH")])]  # sample_recorder
+    return {**env, "PYTHONPATH": os.pathsep.join(path), "VITRAIN_LOG_DIR": str(workdir / "logs")}
 
 
-def signal_ranks_in_epoch_1(run: DdpRun, run_dir: Path, target: str, signum: int) -> float:
+def signal_ranks_after_epoch_0(run: DdpRun, run_dir: Path, target: str, signum: int) -> float:
     """Wait for epoch 0's checkpoint, then signal `target` (rank0, rank1, all); the time sent."""
     ranks = run.ranks()
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -111,25 +128,44 @@ def test_resume_never_starts_fresh_beside_an_existing_last_checkpoint(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("target", "signum", "exit_code"),
-    [("rank1", signal.SIGTERM, 143), ("rank0", signal.SIGUSR1, 143), ("all", signal.SIGINT, 130)],
+    ("target", "signum", "exit_code", "data"),
+    [
+        ("rank1", signal.SIGTERM, 143, "imagenet"),
+        ("rank0", signal.SIGUSR1, 143, "imagenet_shards"),
+        ("all", signal.SIGINT, 130, "imagenet"),
+    ],
 )
-def test_stop_signal_to_any_ddp_rank_saves_once_and_every_rank_exits(
-    target, signum, exit_code, tmp_path
+def test_stop_signal_to_any_ddp_rank_saves_once_every_rank_exits_and_the_epoch_resumes(
+    target, signum, exit_code, data, colours, tmp_path
 ):
     run_dir = tmp_path / "run"
-    run = start_ddp_run(run_dir, tmp_path)
+    run = DdpRun(ddp_colour_run(data, colours, tmp_path, 100), tmp_path, ddp_env(tmp_path))
     ranks = run.ranks()
-    sent = signal_ranks_in_epoch_1(run, run_dir, target, signum)
+    sent = signal_ranks_after_epoch_0(run, run_dir, target, signum)
     exits = run.wait(timeout=STOP_BOUND_S + 30)  # a hang fails here, bounded
     for rank, pid in ranks.items():
         assert exits[pid]["code"] == exit_code, (rank, exits[pid], run.stderr())
         assert exits[pid]["exited_at"] - sent < STOP_BOUND_S, rank
     last = run_dir / "checkpoints" / "last.ckpt"
     assert last.stat().st_mtime >= sent  # saved again, at the signal
-    assert last_step(run_dir) > 22  # in epoch 1 (22 steps per epoch on 2 ranks)
+    assert last_step(run_dir) > 6  # after epoch 0 (6 steps per epoch on 2 ranks)
     assert not list((run_dir / "checkpoints").glob(".*tmp*"))
     assert run.stderr().count("preempted: stopped by") == 2  # one line per rank
+    if target == "all":
+        return
+    # Resumed, the stopped epoch ends with every sample seen once, over both ranks.
+    stopped = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
+    resume = ddp_colour_run(data, colours, tmp_path, max_epochs=stopped + 1)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *resume],
+        capture_output=True,
+        text=True,
+        env=ddp_env(tmp_path),
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(samples_of_epoch(tmp_path / "samples", stopped)) == list(range(48))
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

@@ -10,17 +10,21 @@ WorkerDecodedDataModule  + the sources whose samples DataLoader workers decode o
 Each source (imagefolder.py, shards.py, dali.py, digits.py) holds only what differs.
 """
 
+import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader, Dataset
 
 from vitrain.data.bad_samples import BadSamplePolicy
 from vitrain.data.batch import Batch, collate_samples
 from vitrain.data.decode_fast import FastSampleTransform
 from vitrain.data.decode_pil import Encoded, PilSampleTransform
+from vitrain.data.epochs import EpochPosition, EpochSource, ResumableLoader
 from vitrain.data.layout import SPLITS, Listing, check_classes, list_split
 from vitrain.data.on_device import DeviceAugment
 from vitrain.data.sizing import auto_num_workers, per_device_batch_size
@@ -28,6 +32,7 @@ from vitrain.errors import UserError
 from vitrain.runtime import training_device
 
 LOADERS = ("fast", "pil")
+NOT_RESUMABLE = "You're resuming from a checkpoint that ended before the epoch ended"
 LAYOUT_FIX = (
     "point data.root=/path/to/imagenet at a folder with train/ and val/ class folders "
     "(README 'Training on ImageNet'), or run experiment=quickstart"
@@ -128,6 +133,10 @@ class WorkerDecodedDataModule(ImageDataModule):
     loader: fast (vitrain.data.decode_fast: uint8 crops, normalised on the device) or pil
     (timm's create_transform on PIL images: the reference). on_bad_sample: the bad-sample rule.
     pin_memory: page-locked batches for an asynchronous copy, where batches go to a CUDA device.
+    shuffle_seed: each epoch's order depends on it and the epoch alone.
+
+    The training loader resumes mid-epoch exactly (vitrain.data.epochs): the datamodule's
+    state, in every checkpoint, is how far the training epoch had got.
     """
 
     # How to repair one unreadable file of this source, for the bad-sample rule's error.
@@ -139,9 +148,13 @@ class WorkerDecodedDataModule(ImageDataModule):
         loader: str = "fast",
         pin_memory: bool = True,
         on_bad_sample: str = "skip",
+        shuffle_seed: int = 0,
         **facts,
     ) -> None:
         super().__init__(**facts)
+        self.shuffle_seed = shuffle_seed
+        self._train_loader: ResumableLoader | None = None
+        self._resume: EpochPosition | None = None  # from the checkpoint, for the train loader
         if loader not in LOADERS:
             hint = " (DALI has its own data option: data=imagenet_dali)" if loader == "dali" else ""
             raise UserError(
@@ -173,6 +186,37 @@ class WorkerDecodedDataModule(ImageDataModule):
         """data.pin_memory where batches go to a CUDA device: for a CPU run pinning only costs
         locked memory (and torch warns)."""
         return bool(self.pin_memory) and training_device(self.trainer).type == "cuda"
+
+    # --- the training epoch's position, in every checkpoint --------------------------------
+    def state_dict(self) -> dict:
+        position = self._train_loader.position() if self._train_loader is not None else None
+        return {"train_position": position._asdict()} if position is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        position = state_dict.get("train_position")
+        self._resume = EpochPosition(**position) if position else None
+
+    def current_epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer else 0
+
+    def train_loader(self, dataset: Dataset, source: EpochSource, **sampling) -> ResumableLoader:
+        """The training DataLoader, continuing the epoch the checkpoint stopped in; drop_last
+        unless `sampling` says otherwise (timm's Mixup needs equal, even batches)."""
+        world_size = self.trainer.world_size if self.trainer else 1
+        loader_class = partial(
+            ResumableLoader,
+            source=source,
+            epoch_of=self.current_epoch,
+            world_size=world_size,
+            resume=self._resume,
+        )
+        sampling.setdefault("drop_last", True)
+        self._train_loader = self.dataloader(dataset, loader_class, **sampling)
+        self._resume = None
+        # Lightning checks only its own loader-state route (vitrain.data.epochs says why it is
+        # not used) and would call this resumable loader "not resumable" on every resume.
+        warnings.filterwarnings("ignore", message=NOT_RESUMABLE, category=PossibleUserWarning)
+        return self._train_loader
 
     def dataloader(
         self,

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, Dataset
 from vitrain.data.bad_samples import BadSampleError, BadSamplePolicy
 from vitrain.data.base import WorkerDecodedDataModule
 from vitrain.data.batch import Sample
+from vitrain.data.epochs import EpochSampler
 from vitrain.data.layout import SPLITS, Listing
 
 
@@ -58,8 +59,14 @@ class ImageFolderDataModule(WorkerDecodedDataModule):
                 )
 
     def train_dataloader(self) -> DataLoader:
-        # drop_last: timm's Mixup needs equal, even batches.
-        return self.dataloader(self.datasets["train"], shuffle=True, drop_last=True)
+        dataset = self.datasets["train"]
+        sampler = EpochSampler(
+            dataset,
+            world_size=self.trainer.world_size if self.trainer else 1,
+            rank=self.trainer.global_rank if self.trainer else 0,
+            seed=self.shuffle_seed,
+        )
+        return self.train_loader(dataset, sampler, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self.dataloader(self.datasets["val"], shuffle=False, drop_last=False)
