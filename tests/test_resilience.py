@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -97,6 +98,7 @@ def ddp_colour_run(data: str, colours: Path, tmp_path: Path, max_epochs: int) ->
 
 
 def ddp_env(workdir: Path) -> dict[str, str]:
+    """train.py's environment, with tests/ importable (probe callbacks) and logs under workdir."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_API")}
     path = [str(ROOT / "tests"), *filter(None, [env.get("PYTHONPATH")])]  # sample_recorder
     return {**env, "PYTHONPATH": os.pathsep.join(path), "VITRAIN_LOG_DIR": str(workdir / "logs")}
@@ -166,6 +168,33 @@ def test_stop_signal_to_any_ddp_rank_saves_once_every_rank_exits_and_the_epoch_r
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(samples_of_epoch(tmp_path / "samples", stopped)) == list(range(48))
+
+
+@pytest.mark.slow
+def test_a_burst_of_sigterms_ends_the_run_after_its_save_and_its_report(tmp_path):
+    """Every 10 ms for 4 s from step 8: Lightning put the default handler back when it tore
+    down, and the next SIGTERM of the burst killed the process before the run report."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *SHORT,
+            "trainer.max_epochs=3",
+            "+callbacks.burst._target_=signal_burst.SignalBurst",
+            "+callbacks.burst.step=8",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=ddp_env(tmp_path),
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 143, result.stderr[-2000:]  # not -15: killed by the burst
+    assert re.search(r"preempted: stopped by SIGTERM at global step (8|9);", result.stderr)
+    assert last_step(tmp_path / "run") in (8, 9)  # the batch the burst began in, or the next
+    report = json.loads((tmp_path / "run" / "run_report.json").read_text())
+    assert report["run"]["status"] == "preempted"
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

@@ -37,11 +37,14 @@ class StopSignals:
     the next agreement point (StopOnSignal). Repeated signals (a burst from a supervisor) are
     ignored; a second SIGINT, a user pressing Ctrl-C again, stops at once (KeyboardInterrupt).
     The handlers stay until `restore`, which train() calls after the run report is written, so
-    that no signal of a burst can end the process before it.
+    that no signal of a burst can end the process before it. A process that exits after a stop
+    (train.py) sets `ignore_after_stop`: then restore leaves SIGTERM and SIGUSR1 ignored, and a
+    burst cannot kill it during its teardown either (exit code 143, not a death by signal).
     """
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.ignore_after_stop = False
         self._previous: dict[int, object] = {}
 
     def install(self, signums: tuple[int, ...]) -> None:
@@ -59,8 +62,10 @@ class StopSignals:
             self.received = signum
 
     def restore(self) -> None:
+        ignore = self.ignore_after_stop and self.received is not None
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            keep_ignoring = ignore and signum != signal.SIGINT  # Ctrl-C may still end it
+            signal.signal(signum, signal.SIG_IGN if keep_ignoring else handler)
         self._previous = {}
         self.received = None
 
