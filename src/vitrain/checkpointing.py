@@ -23,6 +23,13 @@ from vitrain.preemption import LAST
 
 log = logging.getLogger(__name__)
 
+
+def _on_rank_zero(level: int, message: str) -> None:
+    """Every rank chooses; rank 0 alone moves files, and says so."""
+    if rank_zero_only.rank == 0:
+        log.log(level, message)
+
+
 RESUME = ("auto", "never")
 # Where files of the run directory go that a resume must not use or keep beside its own.
 UNREADABLE_DIR = "unreadable"  # checkpoints that cannot be read
@@ -162,8 +169,8 @@ def _now() -> str:
 
 
 def move_aside(paths: list[Path], checkpoint_dir: Path, folder: str) -> Path:
-    """Move paths into checkpoint_dir/<folder>/<time>/ (never deleted); rank 0 only."""
-    target = checkpoint_dir / folder / _now()
+    """Move paths into checkpoint_dir/<folder>/<time>-<pid>/ (never deleted); rank 0 only."""
+    target = checkpoint_dir / folder / f"{_now()}-{os.getpid()}"
     if rank_zero_only.rank == 0:
         target.mkdir(parents=True, exist_ok=True)
         for path in paths:
@@ -190,9 +197,8 @@ def choose_checkpoint(
     if cfg.resume not in RESUME:
         raise UserError(f"resume={cfg.resume} is not one of {', '.join(RESUME)}.")
     checkpoint_dir = output_dir / "checkpoints"
-    remove_temporaries(checkpoint_dir)
     candidates = run_checkpoints(checkpoint_dir)
-    chosen, checkpoint = None, None
+    chosen, checkpoint, unreadable = None, None, []
     if cfg.ckpt_path:
         chosen = Path(str(cfg.ckpt_path))
         if not chosen.is_file():
@@ -205,41 +211,47 @@ def choose_checkpoint(
                 f"of {checkpoint_dir}."
             ) from None
     elif cfg.resume == "auto" and candidates:
-        chosen, checkpoint = _newest_readable(candidates, checkpoint_dir)
+        chosen, checkpoint, unreadable = _newest_readable(candidates, checkpoint_dir)
     if checkpoint is not None:
         check_fits(chosen, checkpoint, module, cfg)
+    # From here on the resume goes ahead; nothing was changed before.
+    remove_temporaries(checkpoint_dir)
+    if unreadable:
+        target = move_aside([bad for bad, _ in unreadable], checkpoint_dir, UNREADABLE_DIR)
+        for bad, err in unreadable:
+            _on_rank_zero(
+                logging.WARNING,
+                f"{bad} cannot be read ({err}): moved to {target / bad.name}; resuming from "
+                f"{chosen}, the newest readable checkpoint of this run.",
+            )
     keep = kept_files(chosen, checkpoint, checkpoint_dir) if checkpoint is not None else set()
     unknown = [p for p in run_checkpoints(checkpoint_dir) if p.resolve() not in keep]
     if unknown:
         target = move_aside(unknown, checkpoint_dir, SUPERSEDED_DIR)
         why = f"{chosen} does not know them" if chosen else "this run starts afresh"
-        log.warning(
+        _on_rank_zero(
+            logging.WARNING,
             f"moved {', '.join(p.name for p in unknown)} to {target}: {why}, and a stale best "
-            "checkpoint must not stay beside this run's own."
+            "checkpoint must not stay beside this run's own.",
         )
     if chosen is None:
         return None
     point = ResumePoint(chosen, int(checkpoint["epoch"]), int(checkpoint["global_step"]))
-    log.info(f"resuming from {chosen} (epoch {point.epoch}, global step {point.global_step})")
+    step = f"epoch {point.epoch}, global step {point.global_step}"
+    _on_rank_zero(logging.INFO, f"resuming from {chosen} ({step})")
     return point
 
 
-def _newest_readable(candidates: list[Path], checkpoint_dir: Path) -> tuple[Path, dict]:
+def _newest_readable(
+    candidates: list[Path], checkpoint_dir: Path
+) -> tuple[Path, dict, list[tuple[Path, Unreadable]]]:
+    """The newest candidate that reads, and the newer ones that do not."""
     unreadable = []
     for path in candidates:
         try:
-            checkpoint = read_checkpoint(path)
+            return path, read_checkpoint(path), unreadable
         except Unreadable as err:
             unreadable.append((path, err))
-            continue
-        if unreadable:
-            target = move_aside([p for p, _ in unreadable], checkpoint_dir, UNREADABLE_DIR)
-            for bad, err in unreadable:
-                log.warning(
-                    f"{bad} cannot be read ({err}): moved to {target / bad.name}; resuming from "
-                    f"{path}, the newest readable checkpoint of this run."
-                )
-        return path, checkpoint
     names = ", ".join(f"{p.name} ({err})" for p, err in unreadable)
     raise UserError(
         f"no checkpoint of {checkpoint_dir} can be read: {names}. Resume from a copy with "

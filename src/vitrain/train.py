@@ -271,16 +271,15 @@ def _train(cfg: DictConfig, extra_callbacks: list[Callback]) -> dict[str, float]
     finally:
         try:
             with unless_disk_full("the run report and the end of the attempt"):
+                end = {
+                    "status": status,
+                    "finished_at": _now(),
+                    "wall_time_s": time.perf_counter() - started,
+                    "end_step": trainer.global_step,
+                }
                 if trainer.is_global_zero:
-                    record_end(
-                        output_dir,
-                        attempt,
-                        status=status,
-                        finished_at=_now(),
-                        wall_time_s=time.perf_counter() - started,
-                        end_step=trainer.global_step,
-                    )
-                    write_report(cfg, trainer, module, container, attempt)
+                    record_end(output_dir, attempt, **end)
+                    write_report(cfg, trainer, module, container, attempt, end)
             with unless_disk_full("the loggers' last records"):
                 finish_loggers(trainer.loggers)
         finally:
@@ -301,12 +300,14 @@ def unless_disk_full(what: str) -> Iterator[None]:
         log.warning(f"{what} not written: {full.strerror}")
 
 
-def write_report(cfg, trainer, module, container, attempt: int) -> None:
+def write_report(cfg, trainer, module, container, attempt: int, end: dict) -> None:
     """run_report.json and the printed summary: the whole run (every attempt recorded in the
     run directory, every epoch of the checkpoints this attempt continued), from what the run's
-    callbacks measured."""
+    callbacks measured. end: how this attempt ended (status, finished_at, wall_time_s, ...)."""
     attempts = read_attempts(Path(cfg.paths.output_dir))
-    this = next(a for a in attempts if a["attempt"] == attempt)
+    if not any(a["attempt"] == attempt for a in attempts):  # attempts.jsonl lost or cut
+        attempts.append({"attempt": attempt, **end})
+    this = {**next(a for a in attempts if a["attempt"] == attempt), **end}
     run = {
         "output_dir": str(cfg.paths.output_dir),
         "started_at": attempts[0]["started_at"],
