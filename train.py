@@ -17,7 +17,11 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from vitrain.preemption import STOP_SIGNALS
     from vitrain.train import train
+
+    # This process ends after a stop: a burst of SIGTERMs must not kill it while it does.
+    STOP_SIGNALS.ignore_after_stop = True
 
     try:
         metrics = train(cfg)

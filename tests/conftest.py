@@ -61,6 +61,19 @@ def run_cli(
 
 
 @pytest.fixture(scope="session")
+def colours(tmp_path_factory) -> Path:
+    """A folder of one-colour images numbered by their colour (sample_recorder), as an
+    ImageFolder (`folder/`) and as tar shards (`shards/`)."""
+    from sample_recorder import colour_folder
+
+    from vitrain.data.write_shards import convert
+
+    root = tmp_path_factory.mktemp("colours")
+    convert(colour_folder(root / "folder"), root / "shards", shard_size=10)
+    return root
+
+
+@pytest.fixture(scope="session")
 def quickstart_run(tmp_path_factory) -> Path:
     """One short real quickstart run (CSV logger) shared by the tests that read its outputs."""
     out = tmp_path_factory.mktemp("quickstart")

@@ -107,7 +107,8 @@ def test_every_run_has_the_base_callbacks_and_default_adds_checkpoints(tmp_path)
     base, default = built("callbacks=base"), built("callbacks=default")
     assert {"SpeedMonitor", "BadSampleMonitor", "NonFiniteLossGuard"} <= base  # always measured
     assert base < default and "ModelCheckpoint" not in base
-    assert default - base == {"ModelCheckpoint", "PreemptionCheckpoint", "LearningRateMonitor"}
+    assert default - base == {"ModelCheckpoint", "LearningRateMonitor"}
+    assert {"StopOnSignal"} <= base  # every run stops cleanly on a signal; default also saves
     # What is switched off by its own setting is not built, and says so in the config.
     cfg = compose_config(["recipe.ema=true", "tune.batch_size=true"], tmp_path)
     names = {type(c).__name__ for c in build_callbacks(cfg)}

@@ -28,6 +28,26 @@ def test_user_error_names_the_value_and_the_fix(overrides, message, tmp_path):
         run_train([*TINY, "recipe.mixup_alpha=0.8", *overrides], tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.num_workers=-1", "data.num_workers=-1 must be 0 (load in the training process)"),
+        ("seed=abc", "seed=abc is not a seed .* e.g. seed=42"),
+    ],
+)
+def test_a_bad_value_stops_before_anything_is_written(override, message, tmp_path):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        run_train([*TINY, override], tmp_path)
+    assert not (tmp_path / "run_report.json").exists() and not (tmp_path / "csv").exists()
+
+
+def test_a_dataset_root_that_is_a_file_is_named_so(tmp_path):
+    (tmp_path / "imagenet.tar").write_bytes(b"not a folder")
+    root = tmp_path / "imagenet.tar"
+    with pytest.raises(UserError, match=f"data.root={root} is a file, not a folder"):
+        run_train([*TINY, "data=imagenet", f"data.root={root}"], tmp_path / "run")
+
+
 def test_empty_dataset_root_names_the_folder_and_the_override(tmp_path):
     (tmp_path / "imagenet" / "train").mkdir(parents=True)
     with pytest.raises(UserError) as err:

@@ -285,8 +285,7 @@ def test_batches_are_pinned_only_for_a_cuda_device(device, pinned, tmp_path):
 
     class Trainer:
         strategy = Strategy()
-        world_size = 1
-        current_epoch = 0
+        world_size, global_rank, current_epoch = 1, 0, 0
 
     module.trainer = Trainer()
     module.setup("fit")

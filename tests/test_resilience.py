@@ -1,7 +1,11 @@
 """Runs survive preemption, bad data and bad settings: nothing lost, every error clear."""
 
 import io
+import json
 import os
+import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,8 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, TINY, run_train
+from ddp_ranks import DdpRun
 from lightning.pytorch import Callback
 from PIL import Image
+from sample_recorder import COLOUR_RUN, samples_of_epoch
 
 from vitrain.checkpointing import AtomicCheckpointIO
 from vitrain.data.check import main as check_main
@@ -56,52 +62,139 @@ def test_sigterm_mid_epoch_saves_and_resume_ends_at_the_uninterrupted_step(tmp_p
     whole_steps = last_step(tmp_path / "whole")
     assert whole_steps == 3 * 6
 
-    with pytest.raises(Preempted, match="Resume with the same command"):
-        run_with(SignalAtStep(8), overrides, tmp_path / "cut")  # in epoch 1 of 0..2
-    stopped_at = last_step(tmp_path / "cut")
-    assert 8 <= stopped_at <= 9  # saved at the next batch after the signal
+    with pytest.raises(Preempted, match="Resume with the same command") as stopped:
+        run_with(SignalAtStep(8, signal.SIGUSR1), overrides, tmp_path / "cut")  # in epoch 1
+    assert stopped.value.exit_code == 143  # SLURM's warning signal ends like SIGTERM
+    assert last_step(tmp_path / "cut") == 8  # saved at the end of the batch that got it
 
     run_train(overrides, tmp_path / "cut")  # resume=auto finds checkpoints/last.ckpt
     assert last_step(tmp_path / "cut") == whole_steps
+    report = json.loads((tmp_path / "cut" / "run_report.json").read_text())
+    assert [a["status"] for a in report["attempts"]] == ["preempted", "finished"]
+    assert [a["start_step"] for a in report["attempts"]] == [0, 8]
+    assert [e["epoch"] for e in report["epochs"]] == [0, 1, 2]  # epoch 1 ends in attempt 2
+
+
+# Stop signals under DDP: SIGTERM/SIGINT/SIGUSR1 to one rank or to all stop every rank at the same
+# batch, after one save. tests/preemption_loop.py repeats this 20 times per case (not in CI).
+STOP_BOUND_S = 30  # from the signal to the exit of the last rank, on a loaded 2-core machine
+# 48 one-colour images numbered by their colour (sample_recorder): 6 steps per epoch on 2 ranks.
+DDP_COLOURS = [*TINY, *COLOUR_RUN, "strategy=ddp_cpu", "data.num_workers=1"]
+
+
+def ddp_colour_run(data: str, colours: Path, tmp_path: Path, max_epochs: int) -> list[str]:
+    """train.py's arguments: DDP on the colour folder (data=imagenet) or its shards, each
+    rank recording its batches' samples in tmp_path/samples."""
+    root = colours / ("shards" if data == "imagenet_shards" else "folder")
+    return [
+        *DDP_COLOURS,
+        f"data={data}",
+        f"data.root={root}",
+        f"trainer.max_epochs={max_epochs}",
+        "+callbacks.recorder._target_=sample_recorder.SampleRecorder",
+        f"+callbacks.recorder.out_dir={tmp_path / 'samples'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+
+
+def ddp_env(workdir: Path) -> dict[str, str]:
+    """train.py's environment, with tests/ importable (probe callbacks) and logs under workdir."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_API")}
+    path = [str(ROOT / "tests"), *filter(None, [env.get("PYTHONPATH")])]  # sample_recorder
+    return {**env, "PYTHONPATH": os.pathsep.join(path), "VITRAIN_LOG_DIR": str(workdir / "logs")}
+
+
+def signal_ranks_after_epoch_0(run: DdpRun, run_dir: Path, target: str, signum: int) -> float:
+    """Wait for epoch 0's checkpoint, then signal `target` (rank0, rank1, all); the time sent."""
+    ranks = run.ranks()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert last.exists(), run.stderr()
+    time.sleep(0.5)
+    sent = time.time()
+    for rank in (0, 1) if target == "all" else (int(target[-1]),):
+        os.kill(ranks[rank], signum)
+    return sent
+
+
+def test_resume_never_starts_fresh_beside_an_existing_last_checkpoint(tmp_path):
+    run_train([*SHORT, "trainer.max_epochs=2"], tmp_path)
+    assert last_step(tmp_path) == 12
+    # Lightning resumes from "last" by itself when fit(ckpt_path=None) has an
+    # OnExceptionCheckpoint callback: then this would train nothing and keep step 12.
+    run_train([*SHORT, "trainer.max_epochs=1", "resume=never"], tmp_path)
+    assert last_step(tmp_path) == 6
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("signum", "exit_code"), [(signal.SIGTERM, 143), (signal.SIGUSR1, 143), (signal.SIGINT, 1)]
+    ("target", "signum", "exit_code", "data"),
+    [
+        ("rank1", signal.SIGTERM, 143, "imagenet"),
+        ("rank0", signal.SIGUSR1, 143, "imagenet_shards"),
+        ("all", signal.SIGINT, 130, "imagenet"),
+    ],
 )
-def test_signals_save_a_checkpoint_and_exit_non_zero_in_bounded_time(signum, exit_code, tmp_path):
+def test_stop_signal_to_any_ddp_rank_saves_once_every_rank_exits_and_the_epoch_resumes(
+    target, signum, exit_code, data, colours, tmp_path
+):
     run_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_API")}
-    process = subprocess.Popen(
+    run = DdpRun(ddp_colour_run(data, colours, tmp_path, 100), tmp_path, ddp_env(tmp_path))
+    ranks = run.ranks()
+    sent = signal_ranks_after_epoch_0(run, run_dir, target, signum)
+    exits = run.wait(timeout=STOP_BOUND_S + 30)  # a hang fails here, bounded
+    for rank, pid in ranks.items():
+        assert exits[pid]["code"] == exit_code, (rank, exits[pid], run.stderr())
+        assert exits[pid]["exited_at"] - sent < STOP_BOUND_S, rank
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.stat().st_mtime >= sent  # saved again, at the signal
+    assert last_step(run_dir) > 6  # after epoch 0 (6 steps per epoch on 2 ranks)
+    assert not list((run_dir / "checkpoints").glob(".*tmp*"))
+    assert run.stderr().count("preempted: stopped by") == 2  # one line per rank
+    if target == "all":
+        return
+    # Resumed, the stopped epoch ends with every sample seen once, over both ranks.
+    stopped = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
+    resume = ddp_colour_run(data, colours, tmp_path, max_epochs=stopped + 1)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *resume],
+        capture_output=True,
+        text=True,
+        env=ddp_env(tmp_path),
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(samples_of_epoch(tmp_path / "samples", stopped)) == list(range(48))
+
+
+@pytest.mark.slow
+def test_a_burst_of_sigterms_ends_the_run_after_its_save_and_its_report(tmp_path):
+    """Every 10 ms for 4 s from step 8: Lightning put the default handler back when it tore
+    down, and the next SIGTERM of the burst killed the process before the run report."""
+    result = subprocess.run(
         [
             sys.executable,
             str(ROOT / "train.py"),
-            *TINY,
-            "trainer.max_epochs=100",
-            f"hydra.run.dir={run_dir}",
+            *SHORT,
+            "trainer.max_epochs=3",
+            "+callbacks.burst._target_=signal_burst.SignalBurst",
+            "+callbacks.burst.step=8",
+            f"hydra.run.dir={tmp_path / 'run'}",
         ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        capture_output=True,
         text=True,
-        env=env,
+        env=ddp_env(tmp_path),
         cwd=tmp_path,
+        timeout=300,
     )
-    last = run_dir / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 120
-    while not last.exists() and time.monotonic() < deadline:  # epoch 0 is done: training runs
-        time.sleep(0.2)
-    assert last.exists(), process.stderr.read() if process.poll() is not None else "no epoch"
-    after_epoch_0 = last_step(run_dir)
-    time.sleep(1.0)
-    signalled_at = time.time()
-    process.send_signal(signum)
-    sent = time.monotonic()
-    _, stderr = process.communicate(timeout=60)
-    assert time.monotonic() - sent < 30
-    assert process.returncode == exit_code, stderr[-2000:]
-    assert last.stat().st_mtime >= signalled_at  # saved again, at the signal
-    assert last_step(run_dir) >= after_epoch_0
-    assert not list((run_dir / "checkpoints").glob(".*tmp*"))
+    assert result.returncode == 143, result.stderr[-2000:]  # not -15: killed by the burst
+    assert re.search(r"preempted: stopped by SIGTERM at global step (8|9);", result.stderr)
+    assert last_step(tmp_path / "run") in (8, 9)  # the batch the burst began in, or the next
+    report = json.loads((tmp_path / "run" / "run_report.json").read_text())
+    assert report["run"]["status"] == "preempted"
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -268,13 +361,68 @@ def test_run_directory_not_writable_is_an_error(tmp_path):
 
 
 def test_too_little_disk_for_checkpoints_is_an_error(tmp_path, monkeypatch):
-    import shutil
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
-    with pytest.raises(UserError, match=r"has 0.00 GB free, but checkpoints .* need about"):
-        run_train(SHORT, tmp_path)
+    with pytest.raises(UserError, match=r"has 1.0 kB free, but checkpoints .* need about 1"):
+        run_train(SHORT, tmp_path)  # 1000 bytes are 1.0 kB, not "0.00 GB"
+
+
+FILL_THE_DISK = """
+import os, shutil, sys, time
+disk = sys.argv[1]
+while not os.path.exists(os.path.join(disk, "run", "checkpoints", "last.ckpt")):
+    time.sleep(0.05)
+free = shutil.disk_usage(disk).free  # leave 300 kB: room for metrics, none for a checkpoint
+with open(os.path.join(disk, "filler"), "wb") as handle:
+    handle.write(bytes(max(free - 300_000, 0)))
+"""
+
+
+def can_mount_tmpfs() -> bool:
+    probe = "mount -t tmpfs -o size=1m tmpfs /mnt 2>/dev/null || mount -t tmpfs tmpfs /tmp"
+    return shutil.which("unshare") is not None and (
+        subprocess.run(["unshare", "-Urm", "sh", "-c", probe], capture_output=True).returncode == 0
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="needs a tmpfs mount (unshare -Urm)")
+def test_a_disk_that_fills_mid_run_is_one_error_and_leaves_the_last_good_checkpoint(tmp_path):
+    """A 16 MB tmpfs (in a mount namespace of its own) that another process fills after epoch
+    0's checkpoints: epoch 1's save cannot be written."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    train = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *TINY,
+        "trainer.max_epochs=3",
+        "trainer.limit_train_batches=6",
+        "trainer.limit_val_batches=2",
+        f"hydra.run.dir={disk}/run",
+    ]
+    script = (
+        f"mount -t tmpfs -o size=16m tmpfs {disk} && "
+        f"({sys.executable} -c '{FILL_THE_DISK}' {disk} &) && "
+        f"{shlex.join(train)}; code=$?; cp -a {disk}/run {tmp_path}/run; exit $code"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_API")}
+    result = subprocess.run(
+        ["unshare", "-Urm", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        env={**env, "VITRAIN_LOG_DIR": str(tmp_path / "logs")},
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"error: the disk of {disk}/run is full")
+    assert "Traceback" not in result.stderr
+    run = tmp_path / "run"
+    assert last_step(run) == 6  # epoch 0's, whole
+    assert not [p.name for p in run.rglob(".*tmp*")]  # no temporary file anywhere
 
 
 # --- secrets -------------------------------------------------------------------------------

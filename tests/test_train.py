@@ -2,12 +2,15 @@
 
 import copy
 import json
+import logging
 import time
 
 import pytest
 import torch
 from conftest import TINY, run_train
 from lightning.pytorch import Callback
+
+from vitrain.errors import UserError
 
 MODELS = ["vit_micro", "vit_ti16", "vit_s16", "vit_b16", "vit_b32", "vit_l16"]
 
@@ -79,7 +82,8 @@ def test_resume_continues_at_the_same_step_with_the_same_optimizer_state(quickst
         assert torch.equal(state["exp_avg"], saved_state[index]["exp_avg"])
         assert state["step"] == saved_state[index]["step"]
     report = json.loads((tmp_path / "run_report.json").read_text())
-    assert [e["epoch"] for e in report["epochs"]] == [6]
+    # The history travels with the checkpoint: the report covers the whole run, not the attempt.
+    assert [e["epoch"] for e in report["epochs"]] == list(range(7))
     per_epoch = saved["global_step"] // 6
     assert report["epochs"][-1]["global_step"] == saved["global_step"] + per_epoch
 
@@ -110,3 +114,37 @@ def test_wandb_offline_run_without_a_key(tmp_path, monkeypatch, capsys):
     for text in (b"vit_tiny_patch16_224", b"nvml_interval_s", b"container_detected", b"val/acc1"):
         assert text in records  # the full resolved config, and the metrics
     assert f"wandb sync {runs[0]}" in capsys.readouterr().out
+
+
+WANDB_SHORT = [
+    "experiment=quickstart",
+    "logger=wandb",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.enable_progress_bar=false",
+    "logger.wandb.settings.init_timeout=2",
+]
+
+
+def test_wandb_with_a_key_but_no_server_logs_offline_and_trains(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens: no server
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    with caplog.at_level(logging.WARNING, logger="vitrain"):
+        metrics = run_train(WANDB_SHORT, tmp_path)
+    (warning,) = [r.getMessage() for r in caplog.records if r.name.startswith("vitrain")]
+    assert "cannot reach its server" in warning and "wandb sync" in warning
+    assert "0123456789abcdef" not in warning
+    assert "val/acc1" in metrics  # it trained
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    assert len(runs) == 1 and runs[0].name.endswith(run_id)
+
+
+def test_wandb_with_a_malformed_key_is_one_error_before_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "not-a-key")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    with pytest.raises(UserError, match="wandb refused WANDB_API_KEY .* logger.wandb.mode=offline"):
+        run_train(WANDB_SHORT, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()

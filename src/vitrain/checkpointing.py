@@ -1,26 +1,44 @@
-"""Checkpoints that survive kills: atomic writes, a save on preemption, and resume lookup."""
+"""Checkpoints that survive kills: atomic writes, and which checkpoint a run resumes from.
 
+`choose_checkpoint` runs in train() before any logger or callback touches the run directory, so
+that a resume that cannot go ahead (no readable checkpoint, one of another model) ends with one
+`error:` line and changes nothing. Each rank chooses for itself, from the same files, the same
+way; only rank 0 moves files.
+"""
+
+import datetime
+import logging
 import os
-import signal
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import OnExceptionCheckpoint
-from lightning.pytorch.plugins.environments import SLURMEnvironment
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
 
-from vitrain.lightning_internals import cluster_environment
+from vitrain.errors import UserError
+from vitrain.preemption import LAST
 
-LAST = "last.ckpt"
+log = logging.getLogger(__name__)
 
 
-def stop_like_sigterm(signum, frame) -> None:
-    """SIGUSR1 handler: raise SIGTERM in this process, so that Lightning's own SIGTERM handler
-    stops the run at the next batch (and, under DDP, tells the other ranks)."""
-    signal.raise_signal(signal.SIGTERM)
+def _on_rank_zero(level: int, message: str) -> None:
+    """Every rank chooses; rank 0 alone moves files, and says so."""
+    if rank_zero_only.rank == 0:
+        log.log(level, message)
+
+
+RESUME = ("auto", "never")
+# Where files of the run directory go that a resume must not use or keep beside its own.
+UNREADABLE_DIR = "unreadable"  # checkpoints that cannot be read
+SUPERSEDED_DIR = "superseded"  # checkpoints the resumed state does not know (another timeline)
+# A Lightning checkpoint has these (Trainer.save_checkpoint writes them first).
+LIGHTNING_KEYS = ("epoch", "global_step", "state_dict")
+# conf/model/vit.yaml takes these model keys from the data config: a difference there is the
+# data override's.
+MODEL_KEYS_FROM_DATA = {"img_size": "data.image_size", "num_classes": "data.num_classes"}
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -45,33 +63,197 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             tmp.unlink(missing_ok=True)
 
 
-class PreemptionCheckpoint(OnExceptionCheckpoint):
-    """Save `last.ckpt` when the run is stopped: SIGTERM, SIGINT (Ctrl-C) or SIGUSR1.
+class ResumePoint(NamedTuple):
+    """The checkpoint a run resumes from, and where in the run it was written."""
 
-    Lightning turns SIGTERM into an exception at the next batch and SIGINT into
-    KeyboardInterrupt; SIGUSR1 (SLURM's warning signal) is made to act like SIGTERM unless
-    Lightning's SLURM auto-requeue owns it (then Lightning saves and requeues). Other exceptions
-    (a bug, a non-finite loss) save nothing, so last.ckpt stays the last good state.
-    """
-
-    def __init__(self, dirpath: str) -> None:
-        super().__init__(dirpath=dirpath, filename=LAST.removesuffix(".ckpt"))
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        environment = cluster_environment(trainer)
-        slurm_requeue = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
-        if not slurm_requeue and hasattr(signal, "SIGUSR1"):
-            signal.signal(signal.SIGUSR1, stop_like_sigterm)
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception) -> None:
-        if isinstance(exception, SIGTERMException | KeyboardInterrupt):
-            super().on_exception(trainer, pl_module, exception)
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Keep the file: Lightning's OnExceptionCheckpoint deletes it here, it is last.ckpt."""
+    path: Path
+    epoch: int
+    global_step: int
 
 
-def resume_checkpoint(output_dir: str | Path) -> Path | None:
-    """The run directory's last checkpoint, which resume=auto continues from."""
-    path = Path(output_dir) / "checkpoints" / LAST
-    return path if path.is_file() else None
+class Unreadable(Exception):
+    """A checkpoint file that does not load as a Lightning checkpoint; the message says why."""
+
+
+def read_checkpoint(path: Path) -> dict:
+    """The checkpoint at path, its tensors memory-mapped (nothing is read that is not used)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:  # torch raises many kinds for a cut or garbage file
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise Unreadable(f"{type(err).__name__}: {reason}"[:200]) from None
+    if not isinstance(checkpoint, dict) or not all(k in checkpoint for k in LIGHTNING_KEYS):
+        raise Unreadable("not a Lightning checkpoint (no epoch, global_step and state_dict)")
+    return checkpoint
+
+
+def run_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """The run's checkpoint files, newest first (last.ckpt first among equals)."""
+    if not checkpoint_dir.is_dir():
+        return []
+    files = [p for p in checkpoint_dir.glob("*.ckpt") if p.is_file()]
+    return sorted(files, key=lambda p: (p.stat().st_mtime, p.name == LAST), reverse=True)
+
+
+def _flat(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _flat(value, f"{prefix}{key}.")
+    else:
+        yield prefix.rstrip("."), tree
+
+
+def differing_settings(checkpoint: dict, cfg: DictConfig) -> list[str]:
+    """The model settings the checkpoint was written with that this run sets otherwise, as the
+    overrides that would restore them (`data.image_size=32 (this run: 64)`)."""
+    saved = checkpoint.get("hyper_parameters", {}).get("model")
+    if not isinstance(saved, dict):
+        return []
+    current = dict(_flat(OmegaConf.to_container(cfg.model, resolve=True)))
+    differences = []
+    for key, value in _flat(saved):
+        if key in current and current[key] != value:
+            override = MODEL_KEYS_FROM_DATA.get(key, f"model.{key}")
+            differences.append(f"{override}={value} (this run: {current[key]})")
+    return differences
+
+
+def first_mismatch(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str | None:
+    """The first tensor that differs in name or shape between two state dicts, described."""
+    for name, tensor in expected.items():
+        if name not in saved:
+            return f"{name} is missing from the checkpoint"
+        if tuple(saved[name].shape) != tuple(tensor.shape):
+            shape = tuple(saved[name].shape)
+            return f"{name} has shape {shape} there and {tuple(tensor.shape)} in this model"
+    extra = next((name for name in saved if name not in expected), None)
+    return f"{extra} is in the checkpoint but not in this model" if extra else None
+
+
+def check_fits(path: Path, checkpoint: dict, module: torch.nn.Module, cfg: DictConfig) -> None:
+    """A checkpoint of another model or image size: one error naming the first mismatched
+    tensor and the settings that differ."""
+    mismatch = first_mismatch(checkpoint["state_dict"], module.state_dict())
+    if mismatch is None:
+        return
+    differences = differing_settings(checkpoint, cfg)
+    fix = (
+        f"it was written with {', '.join(differences)}: resume with "
+        f"{' '.join(d.split(' (')[0] for d in differences)}"
+        if differences
+        else "it was written by another model: resume with that model's settings"
+    )
+    raise UserError(
+        f"checkpoint {path} does not fit this model: {mismatch}; {fix}, or start a new run "
+        "(another hydra.run.dir, or resume=never here)."
+    )
+
+
+def kept_files(chosen: Path, checkpoint: dict, checkpoint_dir: Path) -> set[Path]:
+    """The chosen checkpoint and the files its ModelCheckpoint states keep track of (the best
+    and last checkpoints they will replace), resolved. A checkpoint of this run directory names
+    files of this directory, even if the directory has moved since it was written."""
+    paths = set()
+    for state in (checkpoint.get("callbacks") or {}).values():
+        if not isinstance(state, dict):
+            continue
+        paths.update(p for p in (state.get("best_model_path"), state.get("last_model_path")) if p)
+        paths.update(state.get("best_k_models") or {})
+    ours = chosen.resolve().parent == checkpoint_dir.resolve()
+    kept = {(checkpoint_dir / Path(p).name) if ours else Path(p) for p in paths}
+    return {p.resolve() for p in kept | {chosen}}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def move_aside(paths: list[Path], checkpoint_dir: Path, folder: str) -> Path:
+    """Move paths into checkpoint_dir/<folder>/<time>-<pid>/ (never deleted); rank 0 only."""
+    target = checkpoint_dir / folder / f"{_now()}-{os.getpid()}"
+    if rank_zero_only.rank == 0:
+        target.mkdir(parents=True, exist_ok=True)
+        for path in paths:
+            os.replace(path, target / path.name)
+    return target
+
+
+def remove_temporaries(checkpoint_dir: Path) -> None:
+    """The temporary files of saves that a kill -9 cut short (`.last.ckpt.tmp-PID`): before a
+    run starts, no save of this run is under way; rank 0 only."""
+    if rank_zero_only.rank == 0 and checkpoint_dir.is_dir():
+        for tmp in checkpoint_dir.glob(".*.tmp-*"):
+            tmp.unlink(missing_ok=True)
+
+
+def choose_checkpoint(
+    cfg: DictConfig, output_dir: Path, module: torch.nn.Module
+) -> ResumePoint | None:
+    """The checkpoint to resume from: `ckpt_path` when given; with resume=auto the newest
+    readable checkpoint of this run directory (newer unreadable ones are moved aside with a
+    warning); with resume=never none. Checkpoints of the run directory that the chosen state
+    does not know (an abandoned timeline, or all of them with resume=never) are moved aside,
+    so that no stale best checkpoint stays beside the new ones."""
+    if cfg.resume not in RESUME:
+        raise UserError(f"resume={cfg.resume} is not one of {', '.join(RESUME)}.")
+    checkpoint_dir = output_dir / "checkpoints"
+    candidates = run_checkpoints(checkpoint_dir)
+    chosen, checkpoint, unreadable = None, None, []
+    if cfg.ckpt_path:
+        chosen = Path(str(cfg.ckpt_path))
+        if not chosen.is_file():
+            raise UserError(f"ckpt_path={chosen} is not a file: give a checkpoint file.")
+        try:
+            checkpoint = read_checkpoint(chosen)
+        except Unreadable as err:
+            raise UserError(
+                f"ckpt_path={chosen} cannot be read ({err}): give another checkpoint, e.g. one "
+                f"of {checkpoint_dir}."
+            ) from None
+    elif cfg.resume == "auto" and candidates:
+        chosen, checkpoint, unreadable = _newest_readable(candidates, checkpoint_dir)
+    if checkpoint is not None:
+        check_fits(chosen, checkpoint, module, cfg)
+    # From here on the resume goes ahead; nothing was changed before.
+    remove_temporaries(checkpoint_dir)
+    if unreadable:
+        target = move_aside([bad for bad, _ in unreadable], checkpoint_dir, UNREADABLE_DIR)
+        for bad, err in unreadable:
+            _on_rank_zero(
+                logging.WARNING,
+                f"{bad} cannot be read ({err}): moved to {target / bad.name}; resuming from "
+                f"{chosen}, the newest readable checkpoint of this run.",
+            )
+    keep = kept_files(chosen, checkpoint, checkpoint_dir) if checkpoint is not None else set()
+    unknown = [p for p in run_checkpoints(checkpoint_dir) if p.resolve() not in keep]
+    if unknown:
+        target = move_aside(unknown, checkpoint_dir, SUPERSEDED_DIR)
+        why = f"{chosen} does not know them" if chosen else "this run starts afresh"
+        _on_rank_zero(
+            logging.WARNING,
+            f"moved {', '.join(p.name for p in unknown)} to {target}: {why}, and a stale best "
+            "checkpoint must not stay beside this run's own.",
+        )
+    if chosen is None:
+        return None
+    point = ResumePoint(chosen, int(checkpoint["epoch"]), int(checkpoint["global_step"]))
+    step = f"epoch {point.epoch}, global step {point.global_step}"
+    _on_rank_zero(logging.INFO, f"resuming from {chosen} ({step})")
+    return point
+
+
+def _newest_readable(
+    candidates: list[Path], checkpoint_dir: Path
+) -> tuple[Path, dict, list[tuple[Path, Unreadable]]]:
+    """The newest candidate that reads, and the newer ones that do not."""
+    unreadable = []
+    for path in candidates:
+        try:
+            return path, read_checkpoint(path), unreadable
+        except Unreadable as err:
+            unreadable.append((path, err))
+    names = ", ".join(f"{p.name} ({err})" for p, err in unreadable)
+    raise UserError(
+        f"no checkpoint of {checkpoint_dir} can be read: {names}. Resume from a copy with "
+        "ckpt_path=/path/to/good.ckpt, or start afresh with resume=never (the files are kept)."
+    )

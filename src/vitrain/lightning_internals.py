@@ -6,6 +6,8 @@ learning rate; tests/test_resilience.py: the preemption signals; tests/test_trai
 then fail.
 """
 
+import signal
+
 import lightning.pytorch as pl
 from lightning.fabric.plugins.environments import ClusterEnvironment
 from lightning.pytorch.loggers import WandbLogger
@@ -50,3 +52,26 @@ def started_wandb_run(logger: WandbLogger):
     none, which at the end of a run that logged nothing would create an empty wandb run.
     """
     return getattr(logger, "_experiment", None)
+
+
+def keep_signal_handlers(trainer: pl.Trainer, signums: tuple[int, ...]) -> None:
+    """Make the Trainer leave the handlers of `signums` as they are when it starts its loops.
+
+    Private: `trainer._signal_connector.register_signal_handlers`. Lightning installs its SIGTERM
+    handler in Trainer._run, after every setup hook and just before the loops, composed with any
+    handler already there, and no argument turns it off. That handler broadcasts a tensor from
+    inside the signal handler, a collective at an arbitrary point, which deadlocks DDP when any
+    rank but rank 0 is signalled (vitrain.preemption says how). Lightning still registers what it
+    registers (SLURM auto-requeue's SIGUSR1 handler stays), then vitrain's handlers are put back;
+    Lightning's teardown restores the handlers it found, which are vitrain's.
+    """
+    connector = trainer._signal_connector
+    register = connector.register_signal_handlers
+
+    def register_then_keep() -> None:
+        kept = {signum: signal.getsignal(signum) for signum in signums}
+        register()
+        for signum, handler in kept.items():
+            signal.signal(signum, handler)
+
+    connector.register_signal_handlers = register_then_keep

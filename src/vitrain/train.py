@@ -3,34 +3,38 @@
 docs/architecture.md draws the flow; each build_* function owns one part of it.
 """
 
+import contextlib
 import datetime
+import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import BatchSizeFinder, Callback, LearningRateMonitor
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from vitrain.checkpointing import AtomicCheckpointIO, resume_checkpoint
+from vitrain.checkpointing import AtomicCheckpointIO, choose_checkpoint, run_checkpoints
 from vitrain.config import check_required
 from vitrain.container import setup_container
 from vitrain.data.resolution import plan_of
 from vitrain.data.sizing import per_device_batch_size
-from vitrain.errors import Preempted, UserError
+from vitrain.errors import Preempted, UserError, full_disk
 from vitrain.launch import job_environment, pin_ddp_children_to_this_job
-from vitrain.loggers import build_loggers, finish_loggers, record_summary
+from vitrain.loggers import build_loggers, finish_loggers, record_summary, start_loggers
 from vitrain.models import ViTClassifier
 from vitrain.perf import SpeedMonitor
 from vitrain.perf.profiler import StepProfiler
+from vitrain.preemption import STOP_SIGNALS, Stopped
+from vitrain.report.attempts import next_attempt, read_attempts, record_end, record_start
 from vitrain.report.run_report import (
     REPORT_NAME,
     build_run_report,
@@ -38,7 +42,9 @@ from vitrain.report.run_report import (
     write_json_atomic,
 )
 from vitrain.runtime import accelerator_is_cuda, apply_runtime_settings, compile_mode
-from vitrain.secrets import redact, redacted_argv, scrub_yaml_file
+from vitrain.secrets import redact, scrub_yaml_file
+
+log = logging.getLogger(__name__)
 
 # Callbacks that need a logger to write to: left out of a run without one (Lightning refuses it).
 NEED_A_LOGGER = (LearningRateMonitor,)
@@ -180,26 +186,23 @@ def check_output_dir(output_dir: Path, ckpt_bytes: int) -> None:
     free = shutil.disk_usage(output_dir).free
     if free < needed:
         raise UserError(
-            f"{output_dir} has {free / 1e9:.2f} GB free, but checkpoints of this model need about "
-            f"{needed / 1e9:.2f} GB (best + last + one being written): free space, or write "
+            f"{output_dir} has {size_text(free)} free, but checkpoints of this model need about "
+            f"{size_text(needed)} (best + last + one being written): free space, or write "
             "elsewhere with VITRAIN_LOG_DIR=/path/with/space."
         )
 
 
+def size_text(size: int) -> str:
+    """A byte count for a person: 1000 bytes, 3.7 MB, 12.3 GB (never "0.00 GB")."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            value = size / scale
+            return f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
+    return f"{size} bytes"
+
+
 def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
-    """ckpt_path when given; with resume=auto, this run directory's last checkpoint."""
-    if cfg.resume not in ("auto", "never"):
-        raise UserError(f"resume={cfg.resume} is not one of auto, never.")
-    if cfg.ckpt_path:
-        return str(cfg.ckpt_path)
-    last = resume_checkpoint(output_dir) if cfg.resume == "auto" else None
-    if last is not None:
-        print(f"resume=auto: continuing from {last}", flush=True)
-    return str(last) if last else None
 
 
 def scrub_hydra_files(output_dir: Path) -> None:
@@ -214,13 +217,32 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
     callbacks: more callbacks for this run (tests, benchmarks), before the configured ones.
     """
     with job_environment():
-        return _train(cfg, list(callbacks))
+        try:
+            return _train(cfg, list(callbacks))
+        except Exception as err:
+            full = full_disk(err)
+            if full is None:
+                raise
+            output_dir = Path(cfg.paths.output_dir)
+            newest = next(iter(run_checkpoints(output_dir / "checkpoints")), None)
+            raise UserError(
+                f"the disk of {output_dir} is full ({full.strerror}); every file was written "
+                "whole or not at all, and the newest checkpoint is "
+                f"{newest or 'none yet'}. Free space, then rerun the same command with "
+                f"hydra.run.dir={output_dir} to resume."
+            ) from None
 
 
 def _train(cfg: DictConfig, extra_callbacks: list[Callback]) -> dict[str, float]:
-    started, started_at = time.perf_counter(), utc_now()
+    started, started_at = time.perf_counter(), utc_now()  # this attempt's
     check_required(cfg)
-    pl.seed_everything(cfg.seed, workers=True)
+    try:
+        pl.seed_everything(cfg.seed, workers=True)
+    except (TypeError, ValueError) as err:
+        raise UserError(
+            f"seed={cfg.seed} is not a seed ({err}): set an integer from 0 to 4294967295, "
+            "e.g. seed=42."
+        ) from None
     pin_ddp_children_to_this_job()
     container = setup_container(cfg.container)
     container["settings"] = apply_runtime_settings(cfg.runtime)
@@ -228,25 +250,39 @@ def _train(cfg: DictConfig, extra_callbacks: list[Callback]) -> dict[str, float]
     module = build_module(cfg)
     output_dir = Path(cfg.paths.output_dir)
     scrub_hydra_files(output_dir)
-    loggers = build_loggers(cfg.get("logger"), output_dir)
+    attempt = next_attempt(output_dir)
+    loggers = build_loggers(cfg.get("logger"), output_dir, attempt)
     callbacks = [*extra_callbacks, *build_callbacks(cfg, with_loggers=bool(loggers))]
     trainer = build_trainer(cfg, callbacks, loggers)
     preflight(cfg, trainer, module)
+    # Before any logger writes: a resume that cannot go ahead changes no file of the run.
+    resume = choose_checkpoint(cfg, output_dir, module)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["container_detected"] = container
-    with redacted_argv():  # wandb starts its run here and records the command line
-        for logger in trainer.loggers:
-            logger.log_hyperparams(redact(resolved))
-    ckpt_path = resolve_ckpt_path(cfg, output_dir)
+    params = redact(resolved)
+    trainer.loggers = start_loggers(trainer.loggers, params, cfg.get("logger"), output_dir)
+    if trainer.is_global_zero:
+        record_start(
+            output_dir,
+            attempt,
+            started_at=started_at,
+            resumed_from=str(resume.path) if resume else None,
+            start_step=resume.global_step if resume else 0,
+            overrides=redact(list(HydraConfig.get().overrides.task))
+            if HydraConfig.initialized()
+            else [],
+        )
     status = "failed"
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None)
         status = "interrupted" if trainer.interrupted else "finished"
-    except SIGTERMException:
+    except Stopped as stop:
         status = "preempted"
+        saved = f"checkpoint saved to {stop.checkpoint}" if stop.checkpoint else "no checkpoint"
         raise Preempted(
-            f"stopped by a signal; checkpoint saved to {output_dir / 'checkpoints' / 'last.ckpt'}."
-            f" Resume with the same command plus hydra.run.dir={output_dir}"
+            f"{stop} at global step {trainer.global_step}; {saved}. Resume with the same command "
+            f"plus hydra.run.dir={output_dir}",
+            exit_code=stop.exit_code,
         ) from None
     except torch.cuda.OutOfMemoryError:
         world, batch = trainer.world_size, datamodule.batch_size  # the batch that trained
@@ -258,20 +294,52 @@ def _train(cfg: DictConfig, extra_callbacks: list[Callback]) -> dict[str, float]
             "model.grad_checkpointing=true (less memory for more compute)."
         ) from None
     finally:
-        if trainer.is_global_zero:
-            write_report(cfg, trainer, module, container, started, started_at, status)
-        finish_loggers(trainer.loggers)
+        try:
+            with unless_disk_full("the run report and the end of the attempt"):
+                end = {
+                    "status": status,
+                    "finished_at": utc_now(),
+                    "wall_time_s": time.perf_counter() - started,
+                    "end_step": trainer.global_step,
+                }
+                if trainer.is_global_zero:
+                    record_end(output_dir, attempt, **end)
+                    write_report(cfg, trainer, module, container, attempt, end)
+            with unless_disk_full("the loggers' last records"):
+                finish_loggers(trainer.loggers)
+        finally:
+            STOP_SIGNALS.restore()  # only now: a burst of signals cannot end the run before this
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 
-def write_report(cfg, trainer, module, container, started, started_at, status) -> None:
-    """run_report.json and the printed summary, from what the run's callbacks measured."""
+@contextlib.contextmanager
+def unless_disk_full(what: str) -> Iterator[None]:
+    """At the end of an attempt a full disk costs one warning, not a second traceback on top of
+    the error that ends the run."""
+    try:
+        yield
+    except Exception as err:
+        full = full_disk(err)
+        if full is None:
+            raise
+        log.warning(f"{what} not written: {full.strerror}")
+
+
+def write_report(cfg, trainer, module, container, attempt: int, end: dict) -> None:
+    """run_report.json and the printed summary: the whole run (every attempt recorded in the
+    run directory, every epoch of the checkpoints this attempt continued), from what the run's
+    callbacks measured. end: how this attempt ended (status, finished_at, wall_time_s, ...)."""
+    attempts = read_attempts(Path(cfg.paths.output_dir))
+    if not any(a["attempt"] == attempt for a in attempts):  # attempts.jsonl lost or cut
+        attempts.append({"attempt": attempt, **end})
+    this = {**next(a for a in attempts if a["attempt"] == attempt), **end}
     run = {
         "output_dir": str(cfg.paths.output_dir),
-        "started_at": started_at,
-        "finished_at": utc_now(),
-        "status": status,
-        "wall_time_s": time.perf_counter() - started,
+        "started_at": attempts[0]["started_at"],
+        "finished_at": this["finished_at"],
+        "status": this["status"],
+        # Every attempt's wall time; one killed with -9 recorded none.
+        "wall_time_s": sum(a.get("wall_time_s", 0.0) for a in attempts),
     }
     monitor = next((c for c in trainer.callbacks if isinstance(c, SpeedMonitor)), None)
     finder = next((c for c in trainer.callbacks if isinstance(c, BatchSizeFinder)), None)
@@ -285,6 +353,7 @@ def write_report(cfg, trainer, module, container, started, started_at, status) -
         run,
         batch_size_found=finder.optimal_batch_size if finder else None,
         profile=profiler.summary if profiler else None,
+        attempts=attempts,
     )
     path = write_json_atomic(redact(report), Path(cfg.paths.output_dir) / REPORT_NAME)
     print(f"\n{format_summary(report)}\n  run report: {path}", flush=True)

@@ -10,17 +10,21 @@ WorkerDecodedDataModule  + the sources whose samples DataLoader workers decode o
 Each source (imagefolder.py, shards.py, dali.py, digits.py) holds only what differs.
 """
 
+import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader, Dataset
 
 from vitrain.data.bad_samples import BadSamplePolicy
 from vitrain.data.batch import Batch, collate_samples
 from vitrain.data.decode_fast import FastSampleTransform
 from vitrain.data.decode_pil import Encoded, PilSampleTransform
+from vitrain.data.epochs import EpochPosition, EpochSource, ResumableLoader
 from vitrain.data.layout import SPLITS, Listing, check_classes, list_split
 from vitrain.data.on_device import DeviceAugment
 from vitrain.data.resolution import ResolutionPlan
@@ -29,6 +33,7 @@ from vitrain.errors import UserError, docker_hint
 from vitrain.runtime import training_device
 
 LOADERS = ("fast", "pil")
+NOT_RESUMABLE = "You're resuming from a checkpoint that ended before the epoch ended"
 LAYOUT_FIX = (
     "point data.root=/path/to/imagenet at a folder with train/ and val/ class folders "
     "(README 'Training on ImageNet'), or run experiment=quickstart"
@@ -67,6 +72,11 @@ class ImageDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.root = root
         self.batch_size = batch_size  # global; Lightning's batch-size finder may change it
+        if num_workers != "auto" and (not isinstance(num_workers, int) or num_workers < 0):
+            raise UserError(  # here, not when the loader is built: before anything runs
+                f"data.num_workers={num_workers} must be 0 (load in the training process), "
+                "a positive number of worker processes, or auto."
+            )
         self.num_workers = num_workers
         self.image_size = image_size
         self.num_classes = num_classes
@@ -100,6 +110,8 @@ class ImageDataModule(pl.LightningDataModule):
 
     def split_classes(self) -> dict[str, list[str]]:
         """Each split's class names; sources with another layout (shards) override this."""
+        if self.root_path.exists() and not self.root_path.is_dir():
+            raise UserError(f"data.root={self.root} is a file, not a folder: {LAYOUT_FIX}.")
         if not self.root_path.is_dir():
             raise UserError(
                 f"data.root={self.root} does not exist: {LAYOUT_FIX}.{docker_hint(MOUNT_FIX)}"
@@ -136,13 +148,7 @@ class ImageDataModule(pl.LightningDataModule):
         """data.num_workers, or with `auto` this process's share of the node's CPUs."""
         if self.num_workers == "auto":
             return auto_num_workers(self.trainer.num_devices if self.trainer else 1)
-        workers = int(self.num_workers)
-        if workers < 0:
-            raise UserError(
-                f"data.num_workers={self.num_workers} must be 0 (load in the training process), "
-                "a positive number of worker processes, or auto."
-            )
-        return workers
+        return self.num_workers
 
     # --- on the device ---------------------------------------------------------------------
     def prepare_batch(self, batch: Batch, training: bool) -> Batch:
@@ -161,6 +167,10 @@ class WorkerDecodedDataModule(ImageDataModule):
     loader: fast (vitrain.data.decode_fast: uint8 crops, normalised on the device) or pil
     (timm's create_transform on PIL images: the reference). on_bad_sample: the bad-sample rule.
     pin_memory: page-locked batches for an asynchronous copy, where batches go to a CUDA device.
+    shuffle_seed: each epoch's order depends on it and the epoch alone.
+
+    The training loader resumes mid-epoch exactly (vitrain.data.epochs): the datamodule's
+    state, in every checkpoint, is how far the training epoch had got.
     """
 
     # How to repair one unreadable file of this source, for the bad-sample rule's error.
@@ -172,9 +182,13 @@ class WorkerDecodedDataModule(ImageDataModule):
         loader: str = "fast",
         pin_memory: bool = True,
         on_bad_sample: str = "skip",
+        shuffle_seed: int = 0,
         **facts,
     ) -> None:
         super().__init__(**facts)
+        self.shuffle_seed = shuffle_seed
+        self._train_loader: ResumableLoader | None = None
+        self._resume: EpochPosition | None = None  # from the checkpoint, for the train loader
         if loader not in LOADERS:
             hint = " (DALI has its own data option: data=imagenet_dali)" if loader == "dali" else ""
             raise UserError(
@@ -207,6 +221,39 @@ class WorkerDecodedDataModule(ImageDataModule):
         """data.pin_memory where batches go to a CUDA device: for a CPU run pinning only costs
         locked memory (and torch warns)."""
         return bool(self.pin_memory) and training_device(self.trainer).type == "cuda"
+
+    # --- the training epoch's position, in every checkpoint --------------------------------
+    def state_dict(self) -> dict:
+        position = self._train_loader.position() if self._train_loader is not None else None
+        return {"train_position": position._asdict()} if position is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        position = state_dict.get("train_position")
+        self._resume = EpochPosition(**position) if position else None
+
+    def _take_resume(self) -> EpochPosition | None:
+        """The checkpoint's position, to the first training epoch that starts, and only to it."""
+        resume, self._resume = self._resume, None
+        return resume
+
+    def train_loader(
+        self, dataset: Dataset, source: EpochSource, batch_size: int, **sampling
+    ) -> ResumableLoader:
+        """The training DataLoader, continuing the epoch the checkpoint stopped in; drop_last
+        unless `sampling` says otherwise (timm's Mixup needs equal, even batches)."""
+        loader_class = partial(
+            ResumableLoader,
+            source=source,
+            epoch_of=lambda: self.epoch,
+            world_size=self.world_size,
+            resume=self._take_resume,
+        )
+        sampling.setdefault("drop_last", True)
+        self._train_loader = self.dataloader(dataset, batch_size, loader_class, **sampling)
+        # Lightning checks only its own loader-state route (vitrain.data.epochs says why it is
+        # not used) and would call this resumable loader "not resumable" on every resume.
+        warnings.filterwarnings("ignore", message=NOT_RESUMABLE, category=PossibleUserWarning)
+        return self._train_loader
 
     def dataloader(
         self,

@@ -29,7 +29,7 @@ from torchvision.transforms import InterpolationMode
 
 from vitrain.data import augmentation
 from vitrain.data.augmentation import check_augment
-from vitrain.data.decode_pil import Encoded, pillow13_safe, read_encoded
+from vitrain.data.decode_pil import Encoded, pillow13_safe, read_encoded, to_rgb
 from vitrain.errors import UserError
 
 INTERPOLATIONS = {
@@ -70,7 +70,8 @@ def _dct_divisor(region_h: float, region_w: float, need_h: float, need_w: float)
 
 def _pil_rgb(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
-        return np.array(image.convert("RGB"))  # convert() decodes it all: errors surface here
+        image.load()  # decodes it all: errors surface here
+        return np.array(to_rgb(image))
 
 
 def _decode_rgb(data: bytes, size: tuple[int, int] | None, divisor: int) -> torch.Tensor:

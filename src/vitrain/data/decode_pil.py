@@ -4,6 +4,7 @@ pipeline, the reference the fast path is tested against); floats made in the wor
 import io
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_transform
@@ -23,12 +24,36 @@ def read_encoded(source: Encoded) -> bytes:
         return handle.read()
 
 
+# Pixel modes whose values PIL's convert("RGB") clips to 255 (a 16-bit PNG became almost white):
+# 16-bit grey is scaled to 8 bits instead. 32-bit integer and float pixels have no agreed range,
+# so they are refused, by name.
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+REFUSED_MODES = {"I": "32-bit integer", "F": "32-bit float"}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB, for both loaders (the fast path's PIL fallback too).
+
+    16-bit grey keeps its brightness (the top 8 bits); other modes go through PIL's convert
+    (48/64-bit RGB(A) PNGs PIL already reads as 8-bit RGB(A)). Raises ValueError, which the
+    bad-sample rule catches and names, for a mode with no 8-bit meaning."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        pixels = np.asarray(image, dtype=np.uint16)  # native order, whatever the file's
+        image = Image.fromarray((pixels >> 8).astype(np.uint8), mode="L")
+    elif image.mode in REFUSED_MODES:
+        raise ValueError(
+            f"{REFUSED_MODES[image.mode]} pixels (PIL mode {image.mode}) have no 8-bit "
+            "meaning: convert the image to 8 or 16 bits per channel"
+        )
+    return image.convert("RGB")
+
+
 def load_rgb(source: Encoded) -> Image.Image:
     """Decode the whole image now (PIL is lazy), so that a truncated file fails here, inside the
     bad-sample rule, and not later in a transform."""
     with Image.open(io.BytesIO(read_encoded(source))) as image:
         image.load()
-        return image.convert("RGB")
+        return to_rgb(image)
 
 
 def _posterize(image: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, Dataset
 from vitrain.data.bad_samples import BadSampleError, BadSamplePolicy
 from vitrain.data.base import WorkerDecodedDataModule
 from vitrain.data.batch import Sample
+from vitrain.data.epochs import EpochSampler
 from vitrain.data.layout import SPLITS, Listing
 
 
@@ -63,9 +64,15 @@ class ImageFolderDataModule(WorkerDecodedDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.resolution.varies:  # rebuilt every epoch (Lightning reloads): this epoch's size
             self.datasets["train"] = self.dataset("train")
-        # drop_last: timm's Mixup needs equal, even batches.
+        dataset = self.datasets["train"]
+        sampler = EpochSampler(
+            dataset,
+            world_size=self.world_size,
+            rank=self.trainer.global_rank if self.trainer else 0,
+            seed=self.shuffle_seed,
+        )
         batch = self.train_per_device_batch(self.epoch)
-        return self.dataloader(self.datasets["train"], batch, shuffle=True, drop_last=True)
+        return self.train_loader(dataset, sampler, batch, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         batch = self.per_device_batch_size

@@ -1,20 +1,30 @@
 """The ImageFolder layout, listed once for every reader of it: root/<split>/<class>/<image files>.
 
 The ImageFolder loader, DALI, the shard writer and `python -m vitrain.data.check` all list a
-split here, so that they agree on the classes, their indices (sorted class-folder names, as
-torchvision's ImageFolder numbers them: checkpoints move between data=imagenet, imagenet_dali and
-imagenet_shards) and which files are images.
+split here and check the splits against each other here, so that they agree on the classes,
+their indices (sorted class-folder names, as torchvision's ImageFolder numbers them: checkpoints
+move between data=imagenet, imagenet_dali and imagenet_shards) and which files are images.
+
+The rules, each a way a folder trained silently wrong before:
+- an image file is a non-directory entry with an image extension (a folder named x.JPEG is a
+  folder: its images, like those of any subfolder, belong to the class);
+- a folder is listed once: a directory symlink is followed, but one that leads back to a folder
+  already listed (a loop: torchvision follows it 40 levels deep, one class then counts 41 times;
+  or a second link to the same folder) is an error naming it;
+- train/ and val/ have the same class folders (a val/ folder named otherwise gets another
+  class's index, and is scored against the wrong labels), and data.num_classes is train/'s count.
 """
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from vitrain.errors import UserError
 
 SPLITS = ("train", "val")
+SHOWN = 10  # class names shown in a difference
 
 
 @dataclass(frozen=True)
@@ -35,33 +45,103 @@ class Listing:
 
 
 def list_split(split_dir: Path) -> Listing:
-    """Every image file of split_dir/<class>/..., in torchvision ImageFolder's order."""
+    """Every image file of split_dir/<class>/... (subfolders included), in torchvision
+    ImageFolder's order."""
     split_dir = Path(split_dir)
     expected = f"expected {split_dir}/<class>/<image files>"
+    if split_dir.exists() and not split_dir.is_dir():
+        raise UserError(f"{split_dir} is a file, not a folder: {expected}")
     if not split_dir.is_dir():
         raise UserError(f"{split_dir} does not exist: {expected}")
     try:
-        entries = list(split_dir.iterdir())
+        with os.scandir(split_dir) as entries:
+            classes = sorted(entry.name for entry in entries if entry.is_dir())
     except OSError as err:
         raise UserError(
             f"cannot read {split_dir} ({err.strerror or err}): give this user (id "
             f"{os.getuid()}) read access to it, or point data.root at a readable copy"
         ) from None
-    if not any(p.is_dir() for p in entries):
+    if not classes:
         raise UserError(f"{split_dir} has no class folders: {expected}")
-    classes, class_to_index = find_classes(str(split_dir))
-    try:
-        samples = make_dataset(str(split_dir), class_to_index, extensions=IMG_EXTENSIONS)
-    except FileNotFoundError as err:  # a class folder without image files
-        raise UserError(f"{split_dir}: {err} ({expected})") from None
+    # Real path of every folder listed -> the path it was listed by; the split and the folders
+    # above it count as listed, so that a link back up to them is named where it is.
+    real = Path(os.path.realpath(split_dir))
+    listed = {str(folder): str(folder) for folder in real.parents}
+    listed[str(real)] = str(split_dir)
+    samples = []
+    for index, name in enumerate(classes):
+        files = image_files(split_dir / name, listed)
+        if not files:
+            raise UserError(
+                f"{split_dir / name} has no image files ({', '.join(IMG_EXTENSIONS)}): {expected}"
+            )
+        samples += [(path, index) for path in files]
     return Listing(split_dir, classes, samples)
 
 
-def check_classes(split_classes: dict[str, list[str]], num_classes: int, where: str) -> None:
-    """data.num_classes must be the number of classes each split has."""
+def image_files(class_dir: Path, listed: dict[str, str]) -> list[str]:
+    """The image files under class_dir, subfolders included, sorted as torchvision's
+    make_dataset sorts them (by folder, then name). `listed`: the folders listed so far."""
+    found: list[tuple[str, list[str]]] = []
+    pending = [str(class_dir)]
+    while pending:
+        folder = pending.pop()
+        real = os.path.realpath(folder)
+        if real in listed:
+            raise UserError(_listed_twice(folder, listed[real], real))
+        listed[real] = folder
+        files, subfolders = [], []
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir():  # follows a symlink: a linked folder is listed, once
+                    subfolders.append(entry.path)
+                elif has_file_allowed_extension(entry.name, IMG_EXTENSIONS):
+                    files.append(entry.path)
+        found.append((folder, sorted(files)))
+        pending.extend(subfolders)
+    return [path for _, files in sorted(found) for path in files]
+
+
+def _listed_twice(folder: str, first: str, real: str) -> str:
+    parent = os.path.realpath(os.path.dirname(folder))
+    if parent == real or parent.startswith(real + os.sep):
+        what = f"a symlink loop: {folder} leads back to {first}"
+    else:
+        what = f"{folder} is a second path to {first}"
+    return (
+        f"{what} (both are {real}), so its images would be listed more than once: remove or "
+        "replace that symlink."
+    )
+
+
+def _names(names: set[str]) -> str:
+    shown = sorted(names)[:SHOWN]
+    more = f" and {len(names) - SHOWN} more" if len(names) > SHOWN else ""
+    return ", ".join(shown) + more if names else "none"
+
+
+def check_same_classes(split_classes: dict[str, list[str]], where: str, advice: str = "") -> None:
+    """Every split has train/'s class folders."""
+    train = split_classes["train"]
     for split, classes in split_classes.items():
-        if len(classes) != num_classes:
+        if classes != train:
             raise UserError(
-                f"data.num_classes={num_classes} but {where}/{split} has {len(classes)} classes: "
-                f"set data.num_classes={len(classes)}."
+                f"{where}/train and {where}/{split} have different class folders (only in train: "
+                f"{_names(set(train) - set(classes))}; only in {split}: "
+                f"{_names(set(classes) - set(train))}): a class's index is its place among the "
+                f"sorted folder names, so {split}/ would be scored against the wrong labels. Give "
+                f"both splits the same class folders{advice}."
             )
+
+
+def check_classes(split_classes: dict[str, list[str]], num_classes: int, where: str) -> None:
+    """Every split has train/'s class folders, and data.num_classes is their number."""
+    train = split_classes["train"]
+    wrong_count = len(train) != num_classes
+    advice = f"; and set data.num_classes={len(train)} (train/'s classes)" if wrong_count else ""
+    check_same_classes(split_classes, where, advice)
+    if wrong_count:
+        raise UserError(
+            f"data.num_classes={num_classes} but {where}/train has {len(train)} classes: set "
+            f"data.num_classes={len(train)}."
+        )

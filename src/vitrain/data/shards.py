@@ -24,6 +24,7 @@ ImageFolder loader does; validation keeps it.
 """
 
 import bisect
+import itertools
 import json
 import multiprocessing
 import random
@@ -107,6 +108,16 @@ def batches_per_rank(num_samples: int, world_size: int, batch_size: int, drop_la
     return share // batch_size if drop_last else -(-share // batch_size)
 
 
+def batches_taken(worker: int, num_workers: int, batches: int, taken: int) -> int:
+    """Of a rank's first `taken` batches, how many came from `worker`. The DataLoader asks its
+    workers in turn (in order, torch's default) and skips a worker whose batches have run out;
+    each worker has a whole-batch share of the rank's `batches` (worker_segments)."""
+    base, extra = divmod(batches, num_workers)
+    if taken <= base * num_workers:
+        return taken // num_workers + (worker < taken % num_workers)
+    return base + (worker < taken - base * num_workers)
+
+
 def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
     order = list(range(num_shards))
     if shuffle:
@@ -170,8 +181,9 @@ def read_segment(url: str, segment: Segment) -> Iterator[dict]:
 class ShardDataset(IterableDataset):
     """(image, target, replaced files) samples of one split's shards, split exactly across DDP
     ranks and DataLoader workers (see the module docstring). `configure` sets the rank's place
-    and batch before the DataLoader is built; `set_epoch` (shared memory, so persistent workers
-    see it) before each epoch's iteration."""
+    and batch before the DataLoader is built; `start` (shared memory, so persistent workers see
+    it) the epoch, and the batches of it already read (a resumed epoch), before each epoch's
+    iteration (vitrain.data.epochs.ResumableLoader calls it)."""
 
     def __init__(
         self,
@@ -192,15 +204,22 @@ class ShardDataset(IterableDataset):
         self.shuffle, self.seed, self.buffer_size = shuffle, seed, buffer_size
         self.rank, self.world_size, self.batch_size, self.drop_last = 0, 1, 1, False
         # Shared memory: persistent workers keep the dataset object they started with (open_clip
-        # shares its webdataset epoch the same way).
+        # shares its webdataset epoch the same way). _skip: the rank's batches of this epoch
+        # already handed to training (a resumed epoch).
         self._epoch = multiprocessing.Value("q", 0, lock=False)
+        self._skip = multiprocessing.Value("q", 0, lock=False)
 
     def configure(self, rank: int, world_size: int, batch_size: int, drop_last: bool) -> None:
         self.rank, self.world_size = rank, world_size
         self.batch_size, self.drop_last = batch_size, drop_last
 
-    def set_epoch(self, epoch: int) -> None:
+    # The plan of an epoch depends on these: a resume needs them unchanged (EpochSource).
+    RESUME_SETTINGS = ("world_size", "batch_size", "num_workers")
+
+    def start(self, epoch: int, batches: int, batch_size: int) -> None:
+        """The next iteration is `epoch`'s, without the rank's first `batches` batches."""
         self._epoch.value = epoch
+        self._skip.value = batches
 
     @property
     def epoch(self) -> int:
@@ -249,10 +268,20 @@ class ShardDataset(IterableDataset):
     def __iter__(self) -> Iterator[Sample]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        taken = self._skip.value
+        # A resumed epoch: the DataLoader asks its worker 0 first, so worker k plays the part
+        # of the plan's worker (k + taken) mod workers, the one whose turn was next; and that
+        # part's samples already handed to training are read, not decoded. Each raw sample is
+        # one yielded sample (bad ones included, below), so the count is exact.
+        worker = (worker + taken) % num_workers
+        total = sum(self.shard_counts)
+        batches = batches_per_rank(total, self.world_size, self.batch_size, self.drop_last)
+        done = batches_taken(worker, num_workers, batches, taken)
+        raw = itertools.islice(self.raw_samples(worker, num_workers), done * self.batch_size, None)
         # A bad sample is replaced by the next good one (the last good one at the end), yielded
         # once more, so that every rank still yields exactly its planned count: unequal counts
         # would hang DDP.
-        stream = iter(self.raw_samples(worker, num_workers))
+        stream = iter(raw)
         candidates = (
             (f"{sample['__url__']}#{sample['__key__']}", partial(self.decode, sample))
             for sample in stream
@@ -279,32 +308,17 @@ class ShardDataset(IterableDataset):
             last_good = decoded
 
 
-class EpochLoader(DataLoader):
-    """Lightning calls set_epoch on samplers only: an iterable dataset learns the epoch here,
-    as each epoch's iteration starts (before persistent workers resume)."""
-
-    def __init__(
-        self, dataset: ShardDataset, *, epoch_of: Callable[[], int], **loader_args
-    ) -> None:
-        super().__init__(dataset, **loader_args)
-        self.epoch_of = epoch_of
-
-    def __iter__(self):
-        self.dataset.set_epoch(self.epoch_of())
-        return super().__iter__()
-
-
 class ShardsDataModule(WorkerDecodedDataModule):
     """data=imagenet_shards: the shards of `python -m vitrain.data.write_shards` at data.root (a
     path or an s3://, gs://, http(s):// URL), with data=imagenet's settings and transforms."""
 
     repair = "Replace it in the source folder and re-convert"
 
-    def __init__(self, *, shuffle_buffer: int = 1000, shuffle_seed: int = 0, **settings) -> None:
+    def __init__(self, *, shuffle_buffer: int = 1000, **settings) -> None:
         super().__init__(**settings)
         if shuffle_buffer < 1:
             raise UserError(f"data.shuffle_buffer={shuffle_buffer} must be a positive integer.")
-        self.shuffle_buffer, self.shuffle_seed = shuffle_buffer, shuffle_seed
+        self.shuffle_buffer = shuffle_buffer
         self.indexes: dict[str, dict] = {}
 
     def split_url(self, split: str) -> str:
@@ -334,10 +348,7 @@ class ShardsDataModule(WorkerDecodedDataModule):
             if split not in self.datasets:
                 self.datasets[split] = self.dataset(split)
 
-    def current_epoch(self) -> int:
-        return self.epoch
-
-    def _loader(self, split: str) -> DataLoader:
+    def _configured(self, split: str) -> ShardDataset:
         training = split == "train"
         if training and self.resolution.varies:  # rebuilt every epoch: this epoch's size
             self.datasets[split] = self.dataset(split)
@@ -349,13 +360,14 @@ class ShardsDataModule(WorkerDecodedDataModule):
             batch_size=batch,
             drop_last=training,  # timm's Mixup needs equal, even batches
         )
-        # The dataset already cut whole batches per worker; the DataLoader's drop_last would
-        # drop each worker's partial batch, not the rank's.
-        epoch_loader = partial(EpochLoader, epoch_of=self.current_epoch)
-        return self.dataloader(dataset, batch, loader_class=epoch_loader, drop_last=False)
+        return dataset
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
+        # The dataset cuts whole batches per worker and drops the rank's partial one itself; the
+        # DataLoader's drop_last would drop each worker's partial batch, not the rank's.
+        dataset = self._configured("train")
+        return self.train_loader(dataset, dataset, dataset.batch_size, drop_last=False)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+        dataset = self._configured("val")
+        return self.dataloader(dataset, dataset.batch_size, drop_last=False)

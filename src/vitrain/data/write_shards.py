@@ -24,7 +24,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from vitrain.data.layout import SPLITS, list_split
+from vitrain.data.layout import SPLITS, check_same_classes, list_split
 from vitrain.data.shards import INDEX_FORMAT, INDEX_NAME
 from vitrain.errors import UserError
 
@@ -88,13 +88,7 @@ def convert(src: Path, dst: Path, shard_size: int = DEFAULT_SHARD_SIZE, seed: in
     """SRC/{train,val} -> DST/{train,val}; returns {split: index}."""
     if shard_size < 1:
         raise UserError(f"--shard-size={shard_size} must be a positive number of samples.")
-    classes = {split: list_split(src / split).classes for split in SPLITS}
-    if classes["train"] != classes["val"]:
-        differ = sorted(set(classes["train"]) ^ set(classes["val"]))[:5]
-        raise UserError(
-            f"{src}/train and {src}/val have different class folders (e.g. {differ}): both "
-            "splits need the same classes, or the class indices disagree."
-        )
+    check_same_classes({split: list_split(src / split).classes for split in SPLITS}, str(src))
     indexes = {}
     for split in SPLITS:
         indexes[split] = write_split(src / split, dst / split, split, shard_size, seed)

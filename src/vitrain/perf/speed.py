@@ -263,6 +263,15 @@ class SpeedMonitor(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._backfill_epoch_metrics(trainer)
 
+    # --- the history travels with the checkpoints ---------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Every epoch's figures so far: a resumed run's history is that of the checkpoint it
+        resumed from, then its own (the run report covers the whole run, not one attempt)."""
+        return {"history": [dict(record) for record in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(record) for record in state_dict.get("history", [])]
+
 
 def _scalar_metrics(trainer: pl.Trainer, prefix: str) -> dict[str, float]:
     return {

@@ -79,8 +79,11 @@ def write_json_atomic(data: dict, path: Path) -> Path:
     """Write beside the target, then rename: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no empty temporary file
     return path
 
 
@@ -93,7 +96,7 @@ def format_summary(report: dict) -> str:
             f"{c['model']} {c['precision']} {c['strategy']} x{c['devices'] * c['nodes']}"
             f" batch {c['global_batch']} ({c['container']})",
         ),
-        ("epochs", f"{s['epochs_run']} of {c['max_epochs']}"),
+        ("epochs", f"{s['epochs_run']} of {c['max_epochs']}" + _attempts_note(report)),
     ]
     for metric in METRICS:
         label = f"{metric.label} (median)" if metric.summary == STEADY else metric.label
@@ -141,6 +144,11 @@ def profile_rows(profile: dict | None, top: int = 3) -> list[tuple[str, str]]:
     ]
 
 
+def _attempts_note(report: dict) -> str:
+    attempts = report.get("attempts") or []
+    return f" ({len(attempts)} attempts)" if len(attempts) > 1 else ""
+
+
 def hydra_choice(group: str, default: Any) -> Any:
     """The config group option this run chose (model=vit_b16 -> vit_b16), when Hydra ran it."""
     from hydra.core.hydra_config import HydraConfig
@@ -165,8 +173,10 @@ def build_run_report(
     run: dict,
     batch_size_found: int | None = None,
     profile: dict | None = None,
+    attempts: list[dict] | None = None,
 ) -> dict:
-    """Config essentials, environment, per-epoch figures and their summary.
+    """Config essentials, environment, per-epoch figures and their summary; `attempts`: every
+    attempt of the run (report/attempts.py), `epochs` those of all of them.
 
     The batch is the datamodule's: the one that trained (Lightning's batch-size finder sets it
     there when tune.batch_size=true; batch_size_found is the finder's answer). profile: the
@@ -198,16 +208,19 @@ def build_run_report(
         "seed": cfg.seed,
         "tags": list(cfg.tags),
     }
+    summary = summarize(
+        epochs, trainer.max_epochs, run["wall_time_s"], cfg.perf.get("acc_targets") or ()
+    )
+    summary["attempts"] = len(attempts or [])
     report = {
         "schema": SCHEMA,
         "run": run,
         "config": config,
         "overrides": hydra_overrides(),
         "environment": capture_environment(cfg.paths.root_dir, container),
+        "attempts": attempts or [],
         "epochs": epochs,
-        "summary": summarize(
-            epochs, trainer.max_epochs, run["wall_time_s"], cfg.perf.get("acc_targets") or ()
-        ),
+        "summary": summary,
     }
     if profile is not None:
         report["profile"] = profile

@@ -1,0 +1,101 @@
+"""A run stopped mid-epoch and resumed sees every sample of that epoch exactly once (the
+ImageFolder and the shard loaders; DDP: tests/test_resilience.py, the stop signals)."""
+
+import logging
+import os
+import signal
+
+import pytest
+from conftest import TINY, run_train
+from lightning.pytorch import Callback
+from sample_recorder import COLOUR_RUN, SampleRecorder, samples_of_epoch
+
+from vitrain.data.epochs import EpochSampler, ResumableLoader
+from vitrain.errors import Preempted
+
+# 48 training images: 6 batches per epoch
+COLOURS = [*TINY, *COLOUR_RUN, "data.num_workers=2", "trainer.max_epochs=2"]
+
+
+class SignalAtStep(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+# A resolution schedule rebuilds the training loader every epoch (epoch 1 trains at 16 px).
+GROWING = "data.resolution_schedule={start: 8, end: 16, start_epoch: 0, end_epoch: 1, step: 8}"
+
+
+@pytest.mark.parametrize(
+    ("data", "folder", "more"),
+    [
+        ("imagenet", "folder", []),
+        ("imagenet_shards", "shards", []),
+        ("imagenet", "folder", [GROWING]),
+        ("imagenet_shards", "shards", [GROWING]),
+    ],
+    ids=["folder", "shards", "folder-resized", "shards-resized"],
+)
+def test_a_run_stopped_mid_epoch_and_resumed_sees_each_sample_of_that_epoch_once(
+    data, folder, more, colours, tmp_path
+):
+    overrides = [*COLOURS, f"data={data}", f"data.root={colours / folder}", *more]
+    samples = tmp_path / "samples"
+    with pytest.raises(Preempted):  # after 2 of epoch 1's 6 batches
+        run_train(overrides, tmp_path / "run", [SampleRecorder(samples), SignalAtStep(8)])
+    assert len(samples_of_epoch(samples, 1)) == 2 * 8
+    run_train(overrides, tmp_path / "run", [SampleRecorder(samples)])
+    assert sorted(samples_of_epoch(samples, 1)) == list(range(48))  # each once
+    assert sorted(samples_of_epoch(samples, 0)) == list(range(48))
+
+
+def sampler_loader(rank: int, world: int, batch: int, resume=None) -> ResumableLoader:
+    dataset = list(range(40))
+    sampler = EpochSampler(dataset, world_size=world, rank=rank, seed=3)
+    return ResumableLoader(
+        dataset,
+        source=sampler,
+        epoch_of=lambda: 1,
+        world_size=world,
+        resume=lambda: resume,
+        sampler=sampler,
+        batch_size=batch,
+        drop_last=True,
+    )
+
+
+def epoch_of(loader: ResumableLoader, stop: int | None = None) -> list[int]:
+    seen = []
+    for number, batch in enumerate(loader, start=1):
+        seen += batch.tolist()
+        if number == stop:
+            break
+    return seen
+
+
+def test_every_rank_continues_its_own_order_from_one_position():
+    whole = {rank: epoch_of(sampler_loader(rank, 2, 4)) for rank in (0, 1)}
+    assert sorted(whole[0] + whole[1]) == list(range(40))  # the ranks' parts are disjoint
+    cut = {rank: sampler_loader(rank, 2, 4) for rank in (0, 1)}
+    first = {rank: epoch_of(loader, stop=2) for rank, loader in cut.items()}
+    position = cut[0].position()  # rank 0's, as in the checkpoint
+    assert position == cut[1].position() and position.batches == 2
+    rest = {rank: epoch_of(sampler_loader(rank, 2, 4, resume=position)) for rank in (0, 1)}
+    for rank in (0, 1):
+        assert first[rank] + rest[rank] == whole[rank]  # the same order, each sample once
+    # The next epoch starts at its beginning again.
+    assert sampler_loader(0, 2, 4).position() is None
+
+
+def test_a_resume_with_other_settings_starts_the_epoch_over_and_says_so(caplog):
+    cut = sampler_loader(0, 2, 4)
+    epoch_of(cut, stop=2)
+    with caplog.at_level(logging.WARNING, logger="vitrain"):
+        again = epoch_of(sampler_loader(0, 1, 4, resume=cut.position()))
+    assert sorted(again) == list(range(40))
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "world_size 2 then, 1 now" in warning and "seen twice" in warning
