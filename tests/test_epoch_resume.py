@@ -4,14 +4,17 @@ ImageFolder and the shard loaders; DDP: tests/test_resilience.py, the stop signa
 import logging
 import os
 import signal
+from collections import Counter
 
 import pytest
-from conftest import TINY, run_train
+from conftest import TINY, compose_config, run_train
+from hydra.utils import instantiate
 from lightning.pytorch import Callback
 from sample_recorder import COLOUR_RUN, SampleRecorder, samples_of_epoch
+from timm.data.distributed_sampler import RepeatAugSampler
 
-from vitrain.data.epochs import EpochSampler, ResumableLoader
-from vitrain.errors import Preempted
+from vitrain.data.epochs import EpochSampler, Repeats, ResumableLoader
+from vitrain.errors import Preempted, UserError
 
 # 48 training images: 6 batches per epoch
 COLOURS = [*TINY, *COLOUR_RUN, "data.num_workers=2", "trainer.max_epochs=2"]
@@ -99,3 +102,70 @@ def test_a_resume_with_other_settings_starts_the_epoch_over_and_says_so(caplog):
     assert sorted(again) == list(range(40))
     (warning,) = [r.getMessage() for r in caplog.records]
     assert "world_size 2 then, 1 now" in warning and "seen twice" in warning
+
+
+def sampler_parts(length: int, world: int, repeats: Repeats, epoch: int = 0) -> list[list[int]]:
+    parts = []
+    for rank in range(world):
+        sampler = EpochSampler(
+            list(range(length)), world_size=world, rank=rank, seed=0, repeats=repeats
+        )
+        sampler.set_epoch(epoch)
+        parts.append(list(sampler))
+    return parts
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_repeated_aug_puts_every_sample_n_times_in_an_epoch_split_exactly(world):
+    parts = sampler_parts(40, world, Repeats(3, "repeated"))
+    assert {len(part) for part in parts} == {120 // world}  # equal parts: no rank waits
+    assert Counter(i for part in parts for i in part) == Counter({i: 3 for i in range(40)})
+    if world == 3:  # the repeats of a sample go to consecutive ranks, as in DeiT's RASampler
+        assert all(sorted(part) == list(range(40)) for part in parts)
+
+
+@pytest.mark.parametrize(("length", "world"), [(40, 1), (40, 2), (41, 2), (40, 3), (7, 4)])
+@pytest.mark.parametrize("epoch", [0, 1])
+def test_repeated_aug_of_deits_epoch_length_is_timms_repeat_aug_sampler(length, world, epoch):
+    ours = sampler_parts(length, world, Repeats(3, "dataset"), epoch)
+    theirs = []
+    for rank in range(world):
+        sampler = RepeatAugSampler(
+            list(range(length)), num_replicas=world, rank=rank, num_repeats=3, selected_round=0
+        )
+        sampler.set_epoch(epoch)
+        theirs.append(list(sampler))
+    assert ours == theirs
+    assert {len(part) for part in ours} == {-(-length // world)}  # as long as without repeats
+
+
+def test_repeated_aug_refuses_what_it_cannot_do_by_name():
+    with pytest.raises(UserError, match=r"data.repeated_aug=0 must be a whole number"):
+        Repeats(0)
+    with pytest.raises(UserError, match=r"data.repeated_aug_epoch=twice is not one of"):
+        Repeats(3, "twice")
+    assert compose_config(["recipe=deit3"]).data.repeated_aug == 3  # DeiT III's
+    cfg = compose_config(["data=imagenet_dali", "+data.repeated_aug=3"])
+    with pytest.raises(UserError, match=r"data.repeated_aug=3: DALI's reader has no repeated"):
+        instantiate(cfg.data).check()
+
+
+@pytest.mark.parametrize(
+    ("data", "folder"), [("imagenet", "folder"), ("imagenet_shards", "shards")]
+)
+def test_a_fit_with_repeated_aug_trains_on_each_sample_n_times_and_resumes_exactly(
+    data, folder, colours, tmp_path
+):
+    overrides = [
+        *COLOURS,
+        f"data={data}",
+        f"data.root={colours / folder}",
+        "data.repeated_aug=3",
+        "data.repeated_aug_epoch=repeated",
+    ]
+    samples = tmp_path / "samples"
+    with pytest.raises(Preempted):  # epoch 0 has 18 batches; stop in epoch 1, after 4 of them
+        run_train(overrides, tmp_path / "run", [SampleRecorder(samples), SignalAtStep(22)])
+    run_train(overrides, tmp_path / "run", [SampleRecorder(samples)])
+    for epoch in (0, 1):
+        assert Counter(samples_of_epoch(samples, epoch)) == Counter({i: 3 for i in range(48)})

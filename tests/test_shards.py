@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from vitrain.data.bad_samples import BadSampleError, BadSamplePolicy
 from vitrain.data.batch import collate_samples
-from vitrain.data.epochs import ResumableLoader
+from vitrain.data.epochs import Repeats, ResumableLoader
 from vitrain.data.shards import ShardDataset, ShardsDataModule, read_index, worker_segments
 from vitrain.data.write_shards import convert, main
 from vitrain.errors import UserError
@@ -139,6 +139,22 @@ def test_ranks_and_workers_read_every_sample_exactly_once(counts, world, workers
                 per_rank[rank] += s.stop - s.start
     assert read == Counter({(shard, i): 1 for shard, n in enumerate(counts) for i in range(n)})
     assert set(per_rank.values()) == {sum(counts) // world}
+
+
+@pytest.mark.parametrize("epoch_length", ["repeated", "dataset"])
+@pytest.mark.parametrize(("world", "workers"), [(1, 1), (2, 2), (3, 2)])
+def test_repeated_aug_reads_each_sample_n_times_split_exactly(shards, epoch_length, world, workers):
+    """24 samples x 3 repeats: 72 positions (repeated) or the first 24 of them (dataset)."""
+    dataset = split_dataset(shards[0], "train", seed=1, repeats=Repeats(3, epoch_length))
+    reads = [keys_read(dataset, rank, world, 4, True, workers) for rank in range(world)]
+    per_rank = [sum(len(keys) for keys in r.values()) for r in reads]
+    positions = 72 if epoch_length == "repeated" else 24
+    assert per_rank == [len(dataset)] * world == [positions // world // 4 * 4] * world
+    counts = Counter(key for r in reads for keys in r.values() for key in keys)
+    if epoch_length == "repeated" and 72 % (world * 4) == 0:
+        assert counts == Counter({key: 3 for key in counts}) and len(counts) == 24
+    else:  # the first positions of the epoch's sequence: whole repeats, but the last
+        assert sorted(counts.values())[1:] == [3] * (len(counts) - 1)
 
 
 def test_a_remainder_is_padded_with_the_first_samples_like_distributed_sampler():

@@ -24,7 +24,7 @@ from vitrain.data.bad_samples import BadSamplePolicy
 from vitrain.data.batch import Batch, collate_samples
 from vitrain.data.decode_fast import FastSampleTransform
 from vitrain.data.decode_pil import Encoded, PilSampleTransform
-from vitrain.data.epochs import EpochPosition, EpochSource, ResumableLoader
+from vitrain.data.epochs import EpochPosition, EpochSource, Repeats, ResumableLoader
 from vitrain.data.layout import SPLITS, Listing, check_classes, list_split
 from vitrain.data.on_device import DeviceAugment
 from vitrain.data.resolution import ResolutionPlan
@@ -167,7 +167,8 @@ class WorkerDecodedDataModule(ImageDataModule):
     loader: fast (vitrain.data.decode_fast: uint8 crops, normalised on the device) or pil
     (timm's create_transform on PIL images: the reference). on_bad_sample: the bad-sample rule.
     pin_memory: page-locked batches for an asynchronous copy, where batches go to a CUDA device.
-    shuffle_seed: each epoch's order depends on it and the epoch alone.
+    shuffle_seed: each epoch's order depends on it and the epoch alone. repeated_aug,
+    repeated_aug_epoch: repeated augmentation of the training samples (vitrain.data.epochs.Repeats).
 
     The training loader resumes mid-epoch exactly (vitrain.data.epochs): the datamodule's
     state, in every checkpoint, is how far the training epoch had got.
@@ -183,10 +184,13 @@ class WorkerDecodedDataModule(ImageDataModule):
         pin_memory: bool = True,
         on_bad_sample: str = "skip",
         shuffle_seed: int = 0,
+        repeated_aug: int = 1,
+        repeated_aug_epoch: str = "dataset",
         **facts,
     ) -> None:
         super().__init__(**facts)
         self.shuffle_seed = shuffle_seed
+        self.repeats = Repeats(repeated_aug, repeated_aug_epoch)
         self._train_loader: ResumableLoader | None = None
         self._resume: EpochPosition | None = None  # from the checkpoint, for the train loader
         if loader not in LOADERS:

@@ -321,10 +321,17 @@ class DaliDataModule(ImageDataModule):
     """
 
     def __init__(
-        self, *, device: str = "auto", threads: int | str = "auto", seed: int = 0, **facts
+        self,
+        *,
+        device: str = "auto",
+        threads: int | str = "auto",
+        seed: int = 0,
+        repeated_aug: int = 1,
+        **facts,
     ) -> None:
         super().__init__(**facts)
         self.device, self.threads, self.seed = device, threads, seed
+        self.repeated_aug = repeated_aug  # a recipe may set it (recipe=deit3); check() refuses it
 
     def check(self) -> None:
         """Fail before training (train.py calls this; Hydra would wrap errors raised in
@@ -336,6 +343,12 @@ class DaliDataModule(ImageDataModule):
         if self.augment.get("auto_augment"):
             rand_augment_kwargs(self.augment["auto_augment"])  # a bad string fails now
         check_augment(self.augment, "dali")
+        if self.repeated_aug != 1:
+            raise UserError(
+                f"data.repeated_aug={self.repeated_aug}: DALI's reader has no repeated "
+                "augmentation here; use data=imagenet or data=imagenet_shards (the same folder, "
+                "or its shards), or data.repeated_aug=1."
+            )
         if self.resolution.varies or self.resolution.batch_size_schedule != "constant":
             raise UserError(
                 "data=imagenet_dali trains at one size: data.resolution_schedule and "

@@ -9,6 +9,10 @@ datamodule's own state_dict/load_state_dict is restored before that, so the posi
 there (base.WorkerDecodedDataModule): the loader counts the batches it hands to training
 (`position`), and the next iteration of that epoch starts after them (`resume`).
 
+Repeated augmentation (data.repeated_aug, `Repeats`) is part of an epoch's order too: every
+sample `count` times in a row, each time augmented anew, so that one position count still says
+how far every rank has got.
+
 Where the skipping happens is the source's: an EpochSampler (ImageFolder) leaves out the
 positions of the epoch's order already read; a ShardDataset (tar shards) reads, without
 decoding, the samples each worker had already handed over. Both take `start(epoch, batches,
@@ -18,12 +22,50 @@ batch_size)` before each epoch's iteration.
 import logging
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from vitrain.errors import UserError
+
 log = logging.getLogger(__name__)
+
+
+EPOCH_LENGTHS = ("dataset", "repeated")
+
+
+@dataclass(frozen=True)
+class Repeats:
+    """Repeated augmentation (Hoffer et al. 2020; DeiT's RASampler, timm's RepeatAugSampler):
+    each sample `count` times in a row in the epoch's order, each time with its own random
+    augmentation. `epoch_length`: `dataset` keeps an epoch as long as one without repeats (DeiT's
+    and timm's: an epoch then holds about 1/count of the images, each count times); `repeated`
+    makes it count times longer, every image count times.
+    """
+
+    count: int = 1
+    epoch_length: str = "dataset"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
+            raise UserError(
+                f"data.repeated_aug={self.count} must be a whole number of times each image "
+                "appears in a row: 1 (off, the default) or e.g. 3 (DeiT's)."
+            )
+        if self.epoch_length not in EPOCH_LENGTHS:
+            raise UserError(
+                f"data.repeated_aug_epoch={self.epoch_length} is not one of dataset (an epoch as "
+                "long as without repeats, DeiT's) or repeated (every image repeated_aug times)."
+            )
+
+    def positions(self, num_samples: int) -> int:
+        """The length of an epoch's order, all ranks together, before padding to the world."""
+        return num_samples * self.count if self.epoch_length == "repeated" else num_samples
+
+
+NO_REPEATS = Repeats()
 
 
 class EpochPosition(NamedTuple):
@@ -53,17 +95,30 @@ class EpochSampler(DistributedSampler):
     size, as DistributedSampler pads. Rank r reads positions r, r + world, r + 2 world, ...
     (DistributedSampler's split), so the first n samples of every rank are the first n x world
     positions of the order: one number says how far the epoch has got on every rank.
-    A subclass may order an epoch otherwise (e.g. every index several times, for repeated
-    augmentation); the split, the padding and the resume follow. Used on one device too
-    (world size 1): the order then depends on the seed and the epoch alone.
+    With `repeats` (data.repeated_aug) each index of the permutation stands `repeats.count`
+    times in a row, so its repeats go to consecutive ranks, as in DeiT's RASampler; the order
+    is then cut to the epoch's length (Repeats.positions). Used on one device too (world size
+    1): the order then depends on the seed and the epoch alone.
     """
 
     RESUME_SETTINGS = ("world_size", "batch_size")
 
-    def __init__(self, dataset, *, world_size: int, rank: int, seed: int, shuffle: bool = True):
+    def __init__(
+        self,
+        dataset,
+        *,
+        world_size: int,
+        rank: int,
+        seed: int,
+        shuffle: bool = True,
+        repeats: Repeats = NO_REPEATS,
+    ):
         super().__init__(
             dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
         )
+        self.repeats = repeats
+        self.num_samples = math.ceil(repeats.positions(len(dataset)) / world_size)
+        self.total_size = self.num_samples * world_size
         self.skip = 0  # positions of the epoch's order already read, all ranks together
 
     def epoch_order(self, epoch: int) -> list[int]:
@@ -73,6 +128,8 @@ class EpochSampler(DistributedSampler):
             order = torch.randperm(len(self.dataset), generator=generator).tolist()
         else:
             order = list(range(len(self.dataset)))
+        if self.repeats.count > 1:
+            order = [index for index in order for _ in range(self.repeats.count)]
         padding = self.total_size - len(order)
         if padding > 0:
             order += (order * math.ceil(padding / len(order)))[:padding]

@@ -70,6 +70,7 @@ class ImageFolderDataModule(WorkerDecodedDataModule):
             world_size=self.world_size,
             rank=self.trainer.global_rank if self.trainer else 0,
             seed=self.shuffle_seed,
+            repeats=self.repeats,
         )
         batch = self.train_per_device_batch(self.epoch)
         return self.train_loader(dataset, sampler, batch, sampler=sampler)

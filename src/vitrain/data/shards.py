@@ -20,7 +20,10 @@ that order are cut into `world` contiguous, equal parts (padded like Distributed
 count does not divide: the first few samples of the epoch are read twice); each rank's part is cut
 at whole batches among its DataLoader workers; each worker streams its shard segments through a
 shuffle buffer. Training drops the rank's last partial batch (mixup needs equal batches), as the
-ImageFolder loader does; validation keeps it.
+ImageFolder loader does; validation keeps it. With repeated augmentation (data.repeated_aug=N)
+the epoch's sequence holds every sample N times in a row (and is cut to the dataset's length,
+or not: vitrain.data.epochs.Repeats), and the plan is made over its positions: the repeats of a
+sample then mostly stay in one worker, whose shuffle buffer spreads them over its batches.
 """
 
 import bisect
@@ -43,6 +46,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 from vitrain.data.bad_samples import BadSampleError, BadSamplePolicy
 from vitrain.data.base import WorkerDecodedDataModule
 from vitrain.data.batch import Sample
+from vitrain.data.epochs import NO_REPEATS, Repeats
 from vitrain.data.layout import SPLITS
 from vitrain.errors import UserError
 
@@ -54,7 +58,8 @@ IMAGE_SUFFIXES = frozenset(ext.lstrip(".") for ext in IMG_EXTENSIONS)
 
 @dataclass(frozen=True)
 class Segment:
-    """Samples [start, stop) of the shard at `shard` in the index's shard list."""
+    """Positions [start, stop) of the shard at `shard` in the index's shard list: its samples,
+    or with repeats (read_segment) its samples each `repeats` times in a row."""
 
     shard: int
     start: int
@@ -139,12 +144,15 @@ def worker_segments(
     epoch: int = 0,
     seed: int = 0,
     shuffle: bool = False,
+    repeats: Repeats = NO_REPEATS,
 ) -> list[Segment]:
     """The shard segments one DataLoader worker of one rank reads in this epoch."""
     order = shard_order(len(shard_counts), seed, epoch, shuffle)
-    total = sum(shard_counts)
-    share = samples_per_rank(total, world_size)
-    batches = batches_per_rank(total, world_size, batch_size, drop_last)
+    counts = [count * repeats.count for count in shard_counts]  # positions per shard
+    total = sum(counts)
+    length = repeats.positions(sum(shard_counts))  # the epoch's positions, cut or not
+    share = samples_per_rank(length, world_size)
+    batches = batches_per_rank(length, world_size, batch_size, drop_last)
     used = min(share, batches * batch_size)
     # Whole batches per worker, so that only the rank's last batch can be partial.
     base, extra = divmod(batches, num_workers)
@@ -155,27 +163,29 @@ def worker_segments(
     # Positions in the epoch's sample sequence; those past the total wrap around (the padding).
     starts = [0]
     for shard in order:
-        starts.append(starts[-1] + shard_counts[shard])
+        starts.append(starts[-1] + counts[shard])
     segments = []
     while begin < end:
         position = begin % total
         slot = bisect.bisect_right(starts, position) - 1
         offset = position - starts[slot]
-        take = min(shard_counts[order[slot]] - offset, end - begin)
+        take = min(counts[order[slot]] - offset, end - begin)
         segments.append(Segment(order[slot], offset, offset + take))
         begin += take
     return segments
 
 
-def read_segment(url: str, segment: Segment) -> Iterator[dict]:
-    """The samples of one shard segment, streamed: {"__key__", "<image suffix>", "cls", ...}."""
+def read_segment(url: str, segment: Segment, repeats: int = 1) -> Iterator[dict]:
+    """The samples of one shard segment, streamed: {"__key__", "<image suffix>", "cls", ...};
+    sample n stands at positions n x repeats ... n x repeats + repeats - 1."""
     with open_url(url) as stream:
         members = ({**member, "__url__": url} for member in tar_file_iterator(stream))
         for number, sample in enumerate(group_by_keys(members)):
-            if number >= segment.stop:
+            first = number * repeats
+            if first >= segment.stop:
                 return
-            if number >= segment.start:
-                yield sample
+            times = min(first + repeats, segment.stop) - max(first, segment.start)
+            yield from [sample] * max(times, 0)
 
 
 class ShardDataset(IterableDataset):
@@ -195,6 +205,7 @@ class ShardDataset(IterableDataset):
         shuffle: bool,
         seed: int = 0,
         buffer_size: int = 1000,
+        repeats: Repeats = NO_REPEATS,
     ) -> None:
         self.split_url = split_url
         self.shard_names = [shard["name"] for shard in index["shards"]]
@@ -202,6 +213,9 @@ class ShardDataset(IterableDataset):
         self.transform = transform
         self.bad_samples = bad_samples
         self.shuffle, self.seed, self.buffer_size = shuffle, seed, buffer_size
+        self.repeats = repeats
+        # The epoch's positions, all ranks together: the samples, or their repeats.
+        self.positions = repeats.positions(sum(self.shard_counts))
         self.rank, self.world_size, self.batch_size, self.drop_last = 0, 1, 1, False
         # Shared memory: persistent workers keep the dataset object they started with (open_clip
         # shares its webdataset epoch the same way). _skip: the rank's batches of this epoch
@@ -227,7 +241,7 @@ class ShardDataset(IterableDataset):
 
     def __len__(self) -> int:
         """This rank's samples per epoch (the DataLoader's len() divides it by the batch)."""
-        total = sum(self.shard_counts)
+        total = self.positions
         if self.drop_last:
             return self.batch_size * batches_per_rank(total, self.world_size, self.batch_size, True)
         return samples_per_rank(total, self.world_size)
@@ -246,12 +260,15 @@ class ShardDataset(IterableDataset):
             epoch=epoch,
             seed=self.seed,
             shuffle=self.shuffle,
+            repeats=self.repeats,
         )
         samples = (
             sample
             for segment in segments
             for sample in read_segment(
-                join_url(self.split_url, self.shard_names[segment.shard]), segment
+                join_url(self.split_url, self.shard_names[segment.shard]),
+                segment,
+                self.repeats.count,
             )
         )
         if not self.shuffle:
@@ -274,8 +291,7 @@ class ShardDataset(IterableDataset):
         # part's samples already handed to training are read, not decoded. Each raw sample is
         # one yielded sample (bad ones included, below), so the count is exact.
         worker = (worker + taken) % num_workers
-        total = sum(self.shard_counts)
-        batches = batches_per_rank(total, self.world_size, self.batch_size, self.drop_last)
+        batches = batches_per_rank(self.positions, self.world_size, self.batch_size, self.drop_last)
         done = batches_taken(worker, num_workers, batches, taken)
         raw = itertools.islice(self.raw_samples(worker, num_workers), done * self.batch_size, None)
         # A bad sample is replaced by the next good one (the last good one at the end), yielded
@@ -341,6 +357,7 @@ class ShardsDataModule(WorkerDecodedDataModule):
             shuffle=split == "train",
             seed=self.shuffle_seed,
             buffer_size=self.shuffle_buffer,
+            repeats=self.repeats if split == "train" else NO_REPEATS,
         )
 
     def setup(self, stage: str | None = None) -> None:

@@ -35,6 +35,13 @@ class DeviceBatches:
 
 
 class SyntheticDataModule(pl.LightningDataModule):
+    """data=synthetic: `train_batches` and `val_batches` random batches a epoch, on the device.
+
+    augment, repeated_aug: the input pipeline's settings, which a recipe sets with the rest of
+    it (recipe=deit3): synthetic batches have no input pipeline, so they take them and change
+    nothing (the recipe's loss, optimiser and mixing still apply: they are the model's).
+    """
+
     def __init__(
         self,
         batch_size: int,
@@ -42,6 +49,8 @@ class SyntheticDataModule(pl.LightningDataModule):
         num_classes: int,
         train_batches: int = 100,
         val_batches: int = 10,
+        augment: dict | None = None,
+        repeated_aug: int = 1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
