@@ -6,7 +6,7 @@ of the wall time and training time until val/acc1 first reached --target, and of
 val/acc1, with each seed's figures. The digits at 32 px show the mechanics (what a recipe or a
 schedule does to time and accuracy through vitrain's own code paths), not ImageNet's results.
 
-    python bench/recipes.py                       # deit, deit3, schedule 24 -> 32; seeds 0 and 1
+    python bench/recipes.py                # deit, deit3, deit3_no_ra, schedule 24 -> 32; seeds 0, 1
     python bench/recipes.py --seeds 0,1,2 --target 0.95 --arms deit,schedule
 
 ARMS maps a name to its Hydra overrides: a new arm is one entry.
@@ -29,9 +29,14 @@ ARMS: dict[str, list[str]] = {
     # The quickstart as it is: DeiT's AdamW and schedule, no mixup on 1,437 digits.
     "deit": [],
     # DeiT III: LAMB (lr 4e-3, its ViT-S value, not scaled), BCE, 3-Augment + colour jitter,
-    # LayerScale; mixup stays off, as in the quickstart.
+    # LayerScale, repeated augmentation x3; mixup stays off, as in the quickstart.
     "deit3": [
         "recipe=deit3", "recipe.base_lr=4e-3", "recipe.mixup_alpha=0", "recipe.cutmix_alpha=0"
+    ],
+    # The same without repeated augmentation: what the repeats cost or gain on their own.
+    "deit3_no_ra": [
+        "recipe=deit3", "recipe.base_lr=4e-3", "recipe.mixup_alpha=0", "recipe.cutmix_alpha=0",
+        "data.repeated_aug=1",
     ],
     # Progressive resizing at FFCV's fractions of the run (74-86 %): 24 px, then up to 32 px.
     "schedule": [

@@ -88,21 +88,22 @@ def test_resume_continues_at_the_same_step_with_the_same_optimizer_state(quickst
     assert report["epochs"][-1]["global_step"] == saved["global_step"] + per_epoch
 
 
+WANDB_SHORT = [
+    "experiment=quickstart",
+    "logger=wandb",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.enable_progress_bar=false",
+    "logger.wandb.settings.init_timeout=2",
+]
+
+
 def test_wandb_offline_run_without_a_key(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    run_train(
-        [
-            "experiment=quickstart",
-            "logger=wandb",
-            "trainer.max_epochs=1",
-            "trainer.limit_train_batches=2",
-            "trainer.limit_val_batches=1",
-            "trainer.enable_progress_bar=false",
-        ],
-        tmp_path,
-    )
+    run_train(WANDB_SHORT, tmp_path)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     # An offline run keeps its config and metrics in the .wandb record file until `wandb sync`.
@@ -114,17 +115,6 @@ def test_wandb_offline_run_without_a_key(tmp_path, monkeypatch, capsys):
     for text in (b"vit_tiny_patch16_224", b"nvml_interval_s", b"container_detected", b"val/acc1"):
         assert text in records  # the full resolved config, and the metrics
     assert f"wandb sync {runs[0]}" in capsys.readouterr().out
-
-
-WANDB_SHORT = [
-    "experiment=quickstart",
-    "logger=wandb",
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=1",
-    "trainer.enable_progress_bar=false",
-    "logger.wandb.settings.init_timeout=2",
-]
 
 
 def test_wandb_with_a_key_but_no_server_logs_offline_and_trains(tmp_path, monkeypatch, caplog):
