@@ -362,10 +362,12 @@ def test_stop_saves_a_checkpoint_and_the_same_up_resumes(compose_command, images
 
     again = compose(compose_command, owner, workspace, *up, files=[override], **env)
     assert again.returncode == 0, tail(again)
-    assert "resume=auto: continuing from /workspace/logs/runs/preempted" in again.stdout
+    assert "resuming from /workspace/logs/runs/preempted/checkpoints/last.ckpt" in again.stdout
     resumed = json.loads((run_dir / "run_report.json").read_text())
     assert resumed["run"]["status"] == "finished"
-    assert resumed["epochs"][0]["epoch"] > 0  # it continued, it did not start over
+    first_attempt, second = resumed["attempts"]
+    assert first_attempt["status"] == "preempted"
+    assert second["start_step"] == first_attempt["end_step"] > 0  # it continued, not over
     assert resumed["epochs"][-1]["global_step"] == epochs * per_epoch  # as if never stopped
     assert owned_by(workspace["logs"], owner) == []
     compose(compose_command, owner, workspace, "rm", "-f", "-s", files=[override], timeout=300)
