@@ -151,3 +151,8 @@ def test_a_resumed_run_keeps_the_history_of_every_attempt(three_epochs):
     assert first["resumed_from"] is None and first["start_step"] == 0
     assert second["resumed_from"].endswith("last.ckpt") and second["start_step"] == STEPS
     assert first["started_at"] <= second["started_at"] and first["end_step"] == STEPS
+    # Time and images to accuracy count on across the attempts, not from the resume.
+    seen = [e["images_seen"] for e in report["epochs"]]
+    assert seen == [seen[0] * (n + 1) for n in range(3)]
+    elapsed = [e["elapsed_s"] for e in report["epochs"]]
+    assert elapsed == sorted(elapsed) and elapsed[1] - elapsed[0] < second["wall_time_s"]

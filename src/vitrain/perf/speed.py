@@ -56,7 +56,9 @@ class SpeedMonitor(pl.Callback):
     model: the model config (conf/model), for the FLOPs per image behind MFU; None: no MFU.
     The keys it logs and how the run report summarises them: vitrain.perf.metrics. Each epoch's
     record in `history` also holds `images_seen` and `elapsed_s` (since the start of training)
-    up to that epoch's end, which time-to-accuracy is computed from.
+    up to that epoch's end, which time-to-accuracy is computed from; a resumed run carries both
+    on from its checkpoint, so they count the training of every attempt (not the time between
+    attempts, nor the part of an interrupted epoch that was trained again or lost).
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class SpeedMonitor(pl.Callback):
         self.first_step_s: float | None = None
         self._first_step_logged = False
         self._images_seen = 0.0
+        self._elapsed_before = 0.0  # training seconds of the attempts before this one
         self._last_size: int | None = None  # the training size of the previous epoch
         # Host seconds the loop has waited for batches since training started, all epochs; read
         # by StepProfiler for the data wait of its window (one measurement, two readers).
@@ -205,7 +208,9 @@ class SpeedMonitor(pl.Callback):
             "global_step": trainer.global_step,
             "epoch_wall_s": time.perf_counter() - self._epoch_start,
             "images_seen": self._images_seen,
-            "elapsed_s": time.perf_counter() - self._train_start if self._train_start else None,
+            "elapsed_s": self._elapsed_before + time.perf_counter() - self._train_start
+            if self._train_start
+            else None,
             **perf,
             **_scalar_metrics(trainer, prefix="val/"),
         }
@@ -271,6 +276,9 @@ class SpeedMonitor(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(record) for record in state_dict.get("history", [])]
+        if self.history:  # time and images to accuracy go on from where the checkpoint was
+            self._images_seen = self.history[-1].get("images_seen") or 0.0
+            self._elapsed_before = self.history[-1].get("elapsed_s") or 0.0
 
 
 def _scalar_metrics(trainer: pl.Trainer, prefix: str) -> dict[str, float]:
