@@ -228,8 +228,9 @@ def test_deit3_compares_on_synthetic_batches_too(tmp_path):
     """experiment=speed recipe=deit3: the recipe's input-pipeline settings change nothing there;
     its loss, optimiser and mixing still run."""
     metrics = run_train(
-        [*TINY, "data=synthetic", "recipe=deit3", "trainer.max_epochs=1",
-         "data.train_batches=2", "data.val_batches=1"],
+        [*TINY, "data=synthetic", "recipe=deit3", "trainer.max_epochs=1", "data.image_size=32",
+         "data.num_classes=10", "data.batch_size=16", "data.train_batches=2",
+         "data.val_batches=1"],
         tmp_path,
     )  # fmt: skip
     assert math.isfinite(metrics["train/loss_epoch"])
