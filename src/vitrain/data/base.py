@@ -132,6 +132,10 @@ class ImageDataModule(pl.LightningDataModule):
         return self.trainer.world_size if self.trainer else 1
 
     @property
+    def rank(self) -> int:
+        return self.trainer.global_rank if self.trainer else 0
+
+    @property
     def per_device_batch_size(self) -> int:
         """The evaluation batch per device (and the training one at a constant batch)."""
         return per_device_batch_size(self.batch_size, self.world_size)
@@ -203,6 +207,23 @@ class WorkerDecodedDataModule(ImageDataModule):
         self.pin_memory = pin_memory
         self.bad_samples = BadSamplePolicy(on_bad_sample, self.repair)
         self.datasets: dict[str, Dataset] = {}
+
+    # --- the datasets ---------------------------------------------------------------------
+    def dataset(self, split: str) -> Dataset:
+        """The split's dataset, its samples decoded by sample_transform(split): the source's."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in SPLITS:
+            if split not in self.datasets:
+                self.datasets[split] = self.dataset(split)
+
+    def split_dataset(self, split: str) -> Dataset:
+        """The split's dataset for this epoch: the training one is rebuilt at each epoch's size
+        when the size varies (Lightning then rebuilds the loaders every epoch)."""
+        if split == "train" and self.resolution.varies:
+            self.datasets[split] = self.dataset(split)
+        return self.datasets[split]
 
     def sample_transform(self, split: str) -> Callable[[Encoded], torch.Tensor]:
         """Encoded image (a path or its bytes) -> the split's sample, for data.loader, at the

@@ -10,7 +10,7 @@ from vitrain.data.bad_samples import BadSampleError, BadSamplePolicy
 from vitrain.data.base import WorkerDecodedDataModule
 from vitrain.data.batch import Sample
 from vitrain.data.epochs import EpochSampler
-from vitrain.data.layout import SPLITS, Listing
+from vitrain.data.layout import Listing
 
 
 class ImageFolderDataset(Dataset):
@@ -56,19 +56,12 @@ class ImageFolderDataModule(WorkerDecodedDataModule):
             self.listing(split), self.sample_transform(split), self.bad_samples
         )
 
-    def setup(self, stage: str | None = None) -> None:
-        for split in SPLITS:
-            if split not in self.datasets:
-                self.datasets[split] = self.dataset(split)
-
     def train_dataloader(self) -> DataLoader:
-        if self.resolution.varies:  # rebuilt every epoch (Lightning reloads): this epoch's size
-            self.datasets["train"] = self.dataset("train")
-        dataset = self.datasets["train"]
+        dataset = self.split_dataset("train")
         sampler = EpochSampler(
             dataset,
             world_size=self.world_size,
-            rank=self.trainer.global_rank if self.trainer else 0,
+            rank=self.rank,
             seed=self.shuffle_seed,
             repeats=self.repeats,
         )
@@ -77,4 +70,4 @@ class ImageFolderDataModule(WorkerDecodedDataModule):
 
     def val_dataloader(self) -> DataLoader:
         batch = self.per_device_batch_size
-        return self.dataloader(self.datasets["val"], batch, shuffle=False, drop_last=False)
+        return self.dataloader(self.split_dataset("val"), batch, shuffle=False, drop_last=False)

@@ -360,19 +360,12 @@ class ShardsDataModule(WorkerDecodedDataModule):
             repeats=self.repeats if split == "train" else NO_REPEATS,
         )
 
-    def setup(self, stage: str | None = None) -> None:
-        for split in SPLITS:
-            if split not in self.datasets:
-                self.datasets[split] = self.dataset(split)
-
     def _configured(self, split: str) -> ShardDataset:
         training = split == "train"
-        if training and self.resolution.varies:  # rebuilt every epoch: this epoch's size
-            self.datasets[split] = self.dataset(split)
-        dataset = self.datasets[split]
+        dataset = self.split_dataset(split)
         batch = self.train_per_device_batch(self.epoch) if training else self.per_device_batch_size
         dataset.configure(
-            rank=self.trainer.global_rank if self.trainer else 0,
+            rank=self.rank,
             world_size=self.world_size,
             batch_size=batch,
             drop_last=training,  # timm's Mixup needs equal, even batches
