@@ -300,6 +300,44 @@ def test_the_schedule_changes_the_size_at_its_epochs_and_the_report_says_so(tmp_
     assert lrs == pytest.approx([1e-3 * 112 / 64, 1e-3 * 82 / 64, 1e-3])
 
 
+class LoaderWorkers(Callback):
+    """Each epoch's training and validation loader, and the pids of their worker processes."""
+
+    def __init__(self) -> None:
+        self.train: list[tuple[int, list[int]]] = []
+        self.val: list[tuple[int, list[int]]] = []
+
+    @staticmethod
+    def workers(loader) -> tuple[int, list[int]]:
+        iterator = loader._iterator  # torch's persistent workers live on the loader's iterator
+        return id(loader), sorted(worker.pid for worker in iterator._workers)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            self.train.append(self.workers(trainer.train_dataloader))
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0 and not trainer.sanity_checking:
+            self.val.append(self.workers(trainer.val_dataloaders))
+
+
+def test_the_loaders_and_their_workers_change_only_when_the_size_does(tmp_path):
+    probe, sizes = LoaderWorkers(), Sizes()
+    schedule = "{start: 24, end: 32, start_epoch: 1, end_epoch: 2, step: 8}"  # 24, 24, 32, 32
+    run_train(
+        [*TINY, "trainer.max_epochs=4", "trainer.limit_train_batches=2",
+         "trainer.limit_val_batches=1", f"data.resolution_schedule={schedule}",
+         "data.num_workers=1", "recipe.warmup_epochs=0"],
+        tmp_path,
+        [probe, sizes],
+    )  # fmt: skip
+    assert [sizes.seen[e][0] for e in range(4)] == [24, 24, 32, 32]
+    train = probe.train
+    assert train[0] == train[1] and train[2] == train[3]  # the same loader, the same workers
+    assert train[1][0] != train[2][0] and not set(train[1][1]) & set(train[2][1])
+    assert len(probe.val) == 4 and all(val == probe.val[0] for val in probe.val)
+
+
 def test_the_model_takes_the_training_sizes_when_they_differ(tmp_path):
     cfg = compose_config([*TINY, "data.train_image_size=24"], tmp_path)
     module = build_module(cfg)

@@ -97,7 +97,8 @@ def build_callbacks(cfg: DictConfig, with_loggers: bool = True) -> list[Callback
 def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list) -> pl.Trainer:
     check_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
     has_checkpointing = any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks)
-    # A training size (or batch) that changes by epoch: the loaders are rebuilt at each epoch.
+    # A training size (or batch) that changes by epoch: Lightning asks for the loaders at each
+    # epoch, and the datamodule builds new ones only when the size changes.
     reload = cfg.trainer.reload_dataloaders_every_n_epochs or int(plan_of(cfg.data).varies)
     try:
         return instantiate(

@@ -196,6 +196,9 @@ class WorkerDecodedDataModule(ImageDataModule):
         self.shuffle_seed = shuffle_seed
         self.repeats = Repeats(repeated_aug, repeated_aug_epoch)
         self._train_loader: ResumableLoader | None = None
+        self._train_shape: tuple[int, int] | None = None  # its image size and batch
+        self._val_loader: DataLoader | None = None
+        self._val_batch: int | None = None
         self._resume: EpochPosition | None = None  # from the checkpoint, for the train loader
         if loader not in LOADERS:
             hint = " (DALI has its own data option: data=imagenet_dali)" if loader == "dali" else ""
@@ -219,11 +222,36 @@ class WorkerDecodedDataModule(ImageDataModule):
                 self.datasets[split] = self.dataset(split)
 
     def split_dataset(self, split: str) -> Dataset:
-        """The split's dataset for this epoch: the training one is rebuilt at each epoch's size
-        when the size varies (Lightning then rebuilds the loaders every epoch)."""
+        """The split's dataset for a new loader: the training one at this epoch's size when the
+        size varies."""
         if split == "train" and self.resolution.varies:
             self.datasets[split] = self.dataset(split)
         return self.datasets[split]
+
+    # --- the loaders: built again only when what they deliver changes ----------------------
+    def train_dataloader(self) -> DataLoader:
+        """This epoch's training loader. With a resolution schedule Lightning asks for one every
+        epoch; the last one is kept while the epoch's size and batch stay the same, so that its
+        persistent workers carry on instead of starting and filling their queues anew."""
+        shape = (self.resolution.size(self.epoch), self.train_per_device_batch(self.epoch))
+        if self._train_loader is None or shape != self._train_shape:
+            self._train_loader, self._train_shape = self.build_train_loader(), shape
+        return self._train_loader
+
+    def val_dataloader(self) -> DataLoader:
+        """The validation loader, built again only for another batch (the batch-size finder)."""
+        batch = self.per_device_batch_size
+        if self._val_loader is None or batch != self._val_batch:
+            self._val_loader, self._val_batch = self.build_val_loader(batch), batch
+        return self._val_loader
+
+    def build_train_loader(self) -> ResumableLoader:
+        """The source's training loader for this epoch (made with `train_loader`)."""
+        raise NotImplementedError
+
+    def build_val_loader(self, batch_size: int) -> DataLoader:
+        """The source's validation loader (made with `dataloader`)."""
+        raise NotImplementedError
 
     def sample_transform(self, split: str) -> Callable[[Encoded], torch.Tensor]:
         """Encoded image (a path or its bytes) -> the split's sample, for data.loader, at the
@@ -274,11 +302,10 @@ class WorkerDecodedDataModule(ImageDataModule):
             resume=self._take_resume,
         )
         sampling.setdefault("drop_last", True)
-        self._train_loader = self.dataloader(dataset, batch_size, loader_class, **sampling)
         # Lightning checks only its own loader-state route (vitrain.data.epochs says why it is
         # not used) and would call this resumable loader "not resumable" on every resume.
         warnings.filterwarnings("ignore", message=NOT_RESUMABLE, category=PossibleUserWarning)
-        return self._train_loader
+        return self.dataloader(dataset, batch_size, loader_class, **sampling)
 
     def dataloader(
         self,

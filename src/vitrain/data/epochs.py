@@ -125,11 +125,10 @@ class EpochSampler(DistributedSampler):
         if self.shuffle:
             generator = torch.Generator()
             generator.manual_seed(self.seed + epoch)
-            order = torch.randperm(len(self.dataset), generator=generator).tolist()
+            permutation = torch.randperm(len(self.dataset), generator=generator)
         else:
-            order = list(range(len(self.dataset)))
-        if self.repeats.count > 1:
-            order = [index for index in order for _ in range(self.repeats.count)]
+            permutation = torch.arange(len(self.dataset))
+        order = permutation.repeat_interleave(self.repeats.count).tolist()
         padding = self.total_size - len(order)
         if padding > 0:
             order += (order * math.ceil(padding / len(order)))[:padding]
@@ -153,8 +152,8 @@ class ResumableLoader(DataLoader):
 
     The iteration starts at the first batch asked for, not at iter(): Lightning creates the
     iterator of a resumed run before it has restored the epoch. And the position is asked for
-    then, not when the loader is built: a loader rebuilt every epoch (a resolution schedule) is
-    built once more before the resumed epoch starts.
+    then, not when the loader is built: with a resolution schedule the loader may be built
+    once more before the resumed epoch starts.
     """
 
     def __init__(

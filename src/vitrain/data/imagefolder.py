@@ -4,7 +4,7 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from vitrain.data.bad_samples import BadSampleError, BadSamplePolicy
 from vitrain.data.base import WorkerDecodedDataModule
@@ -56,7 +56,7 @@ class ImageFolderDataModule(WorkerDecodedDataModule):
             self.listing(split), self.sample_transform(split), self.bad_samples
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def build_train_loader(self) -> DataLoader:
         dataset = self.split_dataset("train")
         sampler = EpochSampler(
             dataset,
@@ -68,6 +68,11 @@ class ImageFolderDataModule(WorkerDecodedDataModule):
         batch = self.train_per_device_batch(self.epoch)
         return self.train_loader(dataset, sampler, batch, sampler=sampler)
 
-    def val_dataloader(self) -> DataLoader:
-        batch = self.per_device_batch_size
-        return self.dataloader(self.split_dataset("val"), batch, shuffle=False, drop_last=False)
+    def build_val_loader(self, batch_size: int) -> DataLoader:
+        dataset = self.split_dataset("val")
+        # Lightning's own split across DDP ranks, given here: Lightning would otherwise make a new
+        # DataLoader around it, and new workers, each time it asks for the loader.
+        sampler = DistributedSampler(
+            dataset, num_replicas=self.world_size, rank=self.rank, shuffle=False
+        )
+        return self.dataloader(dataset, batch_size, sampler=sampler, drop_last=False)

@@ -372,12 +372,12 @@ class ShardsDataModule(WorkerDecodedDataModule):
         )
         return dataset
 
-    def train_dataloader(self) -> DataLoader:
+    def build_train_loader(self) -> DataLoader:
         # The dataset cuts whole batches per worker and drops the rank's partial one itself; the
         # DataLoader's drop_last would drop each worker's partial batch, not the rank's.
         dataset = self._configured("train")
         return self.train_loader(dataset, dataset, dataset.batch_size, drop_last=False)
 
-    def val_dataloader(self) -> DataLoader:
+    def build_val_loader(self, batch_size: int) -> DataLoader:
         dataset = self._configured("val")
-        return self.dataloader(dataset, dataset.batch_size, drop_last=False)
+        return self.dataloader(dataset, batch_size, drop_last=False)
