@@ -76,6 +76,10 @@ ENV VITRAIN_DATA_DIR=/data \
     TRITON_CACHE_DIR=/workspace/cache/triton \
     TORCHINDUCTOR_CACHE_DIR=/workspace/cache/inductor
 USER ${VITRAIN_UID}:${VITRAIN_GID}
+# The commit the source came from (compose passes VITRAIN_GIT_COMMIT; the image has no .git):
+# run reports record it as environment.git_commit. Last, so that a new commit rebuilds nothing.
+ARG VITRAIN_GIT_COMMIT=
+ENV VITRAIN_GIT_COMMIT=${VITRAIN_GIT_COMMIT}
 
 # NVIDIA's entrypoint first: it checks the driver and sets up CUDA forward compatibility.
 ENTRYPOINT ["/opt/nvidia/nvidia_entrypoint.sh", "python", "train.py"]

@@ -115,9 +115,16 @@ def owner() -> tuple[int, int]:
     return (os.getuid(), os.getgid()) if os.getuid() != 0 else (4321, 4321)
 
 
+# The commit the images are built from, as README's Docker section has users pass it.
+GIT_COMMIT = subprocess.run(
+    ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
+).stdout.strip()
+
+
 def compose_env(owner: tuple[int, int], **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "AB_", "VITRAIN_"))}
     env |= {"VITRAIN_UID": str(owner[0]), "VITRAIN_GID": str(owner[1])}
+    env |= {"VITRAIN_GIT_COMMIT": GIT_COMMIT}
     env |= {"VITRAIN_NGC_IMAGE": TAGS["ngc"], "VITRAIN_PIP_IMAGE": TAGS["pip"]}
     return env | extra
 
@@ -257,6 +264,7 @@ def test_compose_cpu_quickstart(compose_command, images, owner, workspace, image
     assert report["run"]["status"] == "finished"
     assert report["config"]["container"] == image  # detected in the image, recorded
     assert report["environment"]["container"]["image"] == image
+    assert report["environment"]["git_commit"] == (GIT_COMMIT or None)  # the build argument
     if overrides:
         assert run_dir.name == "overridden"  # hydra.* overrides are Hydra's, not in the report
         assert report["overrides"] == [o for o in overrides if not o.startswith("hydra.")]

@@ -398,11 +398,11 @@ def test_pip_baseline_service_is_train_in_the_other_image(compose_file):
     }
 
 
-def test_every_service_builds_an_existing_dockerfile_with_the_users_ids(compose_file):
+def test_every_service_builds_an_existing_dockerfile_with_the_users_ids_and_commit(compose_file):
     for name, service in compose_file["services"].items():
         build = service["build"]
         assert (ROOT / build["context"] / build["dockerfile"]).is_file(), name
-        assert set(build["args"]) == {"VITRAIN_UID", "VITRAIN_GID"}
+        assert set(build["args"]) == {"VITRAIN_UID", "VITRAIN_GID", "VITRAIN_GIT_COMMIT"}
         image = "ngc" if build["dockerfile"] == "Dockerfile" else "pip"
         assert service["image"] == IMAGES[image], name
 

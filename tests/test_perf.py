@@ -6,11 +6,12 @@ import time
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TINY, run_train
+from conftest import ROOT, TINY, run_train
 from torch.utils.data import DataLoader, Dataset
 
 from vitrain.data.batch import Batch, collate_samples
 from vitrain.perf import SpeedMonitor
+from vitrain.perf.environment import git_state
 from vitrain.perf.flops import training_flops_per_image
 from vitrain.perf.nvml import NvmlSampler, Sample
 from vitrain.perf.peaks import GPU_PEAK_TFLOPS, mfu, peak_flops
@@ -195,6 +196,16 @@ def test_data_wait_frac_shows_an_input_bound_loop_and_warns():
     # The run's total wait (what StepProfiler reads for its window) is the epochs' waits summed.
     waits = [e["perf/data_wait_frac"] * e["perf/epoch_time_s"] for e in monitor.history]
     assert monitor.data_wait_s == pytest.approx(sum(waits))
+
+
+def test_git_state_of_a_checkout_and_of_an_image(tmp_path, monkeypatch):
+    monkeypatch.setenv("VITRAIN_GIT_COMMIT", "0123abc")
+    here = git_state(str(ROOT))  # a checkout wins over the variable
+    assert here["git_commit"] != "0123abc" and isinstance(here["git_dirty"], bool)
+    # No .git (an image's copied source): the commit the image was built from, dirtiness unknown.
+    assert git_state(str(tmp_path)) == {"git_commit": "0123abc", "git_dirty": None}
+    monkeypatch.setenv("VITRAIN_GIT_COMMIT", "")
+    assert git_state(str(tmp_path)) == {"git_commit": None, "git_dirty": None}
 
 
 def test_run_report_of_a_real_run(quickstart_run):

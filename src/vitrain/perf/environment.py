@@ -20,7 +20,9 @@ def _package_version(name: str) -> str | None:
 
 
 def git_state(root: str) -> dict:
-    """Commit and dirtiness of the tree the code ran from; None outside a git checkout."""
+    """Commit and dirtiness of the tree the code ran from. Outside a git checkout (an image: its
+    source is copied without .git) the commit the image was built from, VITRAIN_GIT_COMMIT,
+    whose dirtiness nobody recorded; None without either."""
 
     def git(*args: str) -> str | None:
         try:
@@ -32,7 +34,9 @@ def git_state(root: str) -> dict:
         return out.stdout.strip() if out.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    if commit is None:
+        return {"git_commit": os.environ.get("VITRAIN_GIT_COMMIT") or None, "git_dirty": None}
+    status = git("status", "--porcelain", "--untracked-files=no")
     return {"git_commit": commit, "git_dirty": bool(status) if status is not None else None}
 
 
