@@ -4,16 +4,20 @@
 #
 #   STAGES   which stages, run in the order given (default: all, in this order):
 #     realdata  issue 17's first figure: REAL_IMAGES (20,000) ImageNet-like 500x375 JPEGs in 100
-#               classes made with every CPU, then REAL_MODELS (vit_b16,vit_s16) bf16 through
-#               `python train.py data=imagenet` (fast loader, DeiT recipe, data.num_workers=auto,
-#               runtime.compile=auto) for REAL_EPOCHS (3) epochs, each beside the same run on
-#               data=synthetic, one report table; then bench/loader.py with 1 and all workers:
-#               images/s per core, hence the cores each model needs to be compute-bound
+#               classes (REAL_CLASSES) made with every CPU in REAL_ROOT, then REAL_MODELS
+#               (vit_b16,vit_s16) bf16 through `python train.py data=imagenet` (fast loader, DeiT
+#               recipe, data.num_workers=auto, runtime.compile=auto) for REAL_EPOCHS (3) epochs,
+#               each beside the same run on data=synthetic, one report table; then
+#               bench/loader.py with 1 and all workers: images/s per core, hence the cores each
+#               model needs to be compute-bound
 #     tests     pytest -m gpu (no host-device sync: eager and compiled)
+#     mfu       B16 bf16 eager and compiled at MFU_BATCH (default 512,1024): the 40 % MFU goal
+#     dali      issue 17 point 3: DALI_MODELS (REAL_MODELS' first) through data=imagenet_dali
+#               data.device=gpu (DALI_DEVICE) on realdata's files, and bench/loader.py's fast and
+#               dali rows with all cores; skipped when nvidia.dali does not import
 #     eager     the README table's eager rows: MODELS in bf16-mixed and 16-mixed
 #     compiled  its compiled rows (runtime.compile=default)
 #     switches  fused AdamW, fused attention, gradient checkpointing, TF32 on B16
-#     mfu       B16 bf16 eager and compiled at MFU_BATCH (default 512,1024): the 40 % MFU goal
 #     autotune  B16 bf16 with runtime.compile=max-autotune at AUTOTUNE_BATCH (default 512)
 #     cudagraphs  S16 (default vit_s16) bf16, compile default vs reduce-overhead (CUDA graphs):
 #               the smallest model's step is the one launch overhead shows in
@@ -24,27 +28,31 @@
 #               the first step at a new size, its compilation included)
 #     profiler  bench/profiler_overhead.py on B16 bf16 eager (perf.profile_steps=[20,30]): what a
 #               profiled step costs on a GPU, and the run's profile summary
-#   MODELS / BATCH / STEPS / REPEATS / LOADER_* / FINDER_ARGS / REAL_* / RES_* (overrides) shrink
-#   or grow it (a dry run on a CPU: bench/gpu_suite_dry_run.sh). tests..switches and loader took
-#   8 min 10 s on an H200; realdata, mfu, autotune, cudagraphs, finder, resolutions, profiler and the
-#   compiled and reduce-overhead GPU tests have not run on a GPU yet. What is still missing, in
-#   order of need, in calls of under 10 minutes each:
+#   MODELS / BATCH / STEPS / REPEATS / LOADER_* / FINDER_ARGS / REAL_* / DALI_* / RES_* (overrides)
+#   shrink or grow it (a dry run on a CPU: bench/gpu_suite_dry_run.sh). tests..switches and loader
+#   took 8 min 10 s on an H200; realdata, mfu, dali, autotune, cudagraphs, finder, resolutions,
+#   profiler and the compiled and reduce-overhead GPU tests have not run on a GPU yet. What is
+#   still missing, in order of need, in calls of under 10 minutes each:
 #     STAGES=realdata bench/gpu_suite.sh          (issue 17 point 1)
-#     STAGES=mfu,tests bench/gpu_suite.sh
+#     STAGES=mfu,tests bench/gpu_suite.sh         (points 2 and 4)
+#     STAGES=dali bench/gpu_suite.sh              (point 3; DALI carried, see below)
 #     STAGES=compiled,autotune MODELS=vit_s16,vit_l16 B16=vit_b16 bench/gpu_suite.sh
 #     STAGES=cudagraphs,finder bench/gpu_suite.sh
-#     STAGES=resolutions bench/gpu_suite.sh       (issue 15; after realdata: it reuses its JPEGs)
+#     STAGES=resolutions bench/gpu_suite.sh       (issue 15; it reuses realdata's JPEGs)
 #     STAGES=profiler bench/gpu_suite.sh          (and tests: test_profiler's CUDA profile)
-#   On a GPU machine with torch, Lightning and torchmetrics but not the rest, install the other
-#   dependencies that the suite and the test modules import (hydra-core, omegaconf,
-#   antlr4-python3-runtime, timm, simplejpeg, webdataset, braceexpand; for pytest's collection of
-#   the gpu test files also none more) from wheels and put src/
-#   on the path, e.g. pip install --no-deps --target /tmp/site wheels/*.whl &&
-#   PYTHONPATH=/tmp/site:$PWD/src bench/gpu_suite.sh
+#   The device image has torch, Lightning, torchmetrics, timm and no package index: here,
+#   bench/gpu_wheels.sh makes .whl/ (hydra-core, omegaconf, antlr4, simplejpeg, webdataset,
+#   braceexpand, this venv's timm) and bench/dali_wheel.sh split makes DALI's 6 parts. Each call
+#   carries .whl and the next DALI part (about 55 MB in all with the working tree), so the parts
+#   are there by the dali call, which joins them first; every call begins with
+#     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
+#     export PYTHONPATH=/tmp/site:$PWD/src &&
+#   and the dali call with `bench/dali_wheel.sh join && python3 -m pip install ... .whl-dali/*.whl`
+#   before it (the same pip arguments; both sets of wheels in one install).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-results}
-STAGES=${STAGES:-realdata,tests,eager,compiled,switches,mfu,autotune,cudagraphs,finder,loader,resolutions,profiler}
+STAGES=${STAGES:-realdata,tests,mfu,dali,eager,compiled,switches,autotune,cudagraphs,finder,loader,resolutions,profiler}
 MODELS=${MODELS:-vit_s16,vit_b16,vit_l16}
 BATCH=${BATCH:-256}
 STEPS=${STEPS:-20}
@@ -83,22 +91,48 @@ train() {  # run directory name, then train.py's overrides; keeps its run_report
   rm -rf "$dir"
 }
 
+REAL_ROOT=${REAL_ROOT:-/tmp/vitrain-jpegs}
+REAL_IMAGES=${REAL_IMAGES:-20000}
+REAL_CLASSES=${REAL_CLASSES:-100}
+real_folder() {  # the realdata JPEGs, made once (bench/loader.py keeps a marker of what is there)
+  "$PYTHON" bench/loader.py --make-only --images "$REAL_IMAGES" --classes "$REAL_CLASSES" \
+    --root "$REAL_ROOT"
+}
+real_run() {  # model, then the data overrides: one realdata-sized training run
+  local m=$1
+  shift
+  # shellcheck disable=SC2086  # REAL_ARGS: more overrides, split on spaces
+  train "$m-${1#data=}" "model=$m" "$@" trainer.precision=bf16-mixed "data.batch_size=$BATCH" \
+    "trainer.max_epochs=${REAL_EPOCHS:-3}" "data.num_classes=$REAL_CLASSES" ${REAL_ARGS:-}
+}
+
 stage_realdata() {
-  local root=${REAL_ROOT:-/tmp/vitrain-jpegs} images=${REAL_IMAGES:-20000} m
-  local classes=${REAL_CLASSES:-100}
-  "$PYTHON" bench/loader.py --make-only --images "$images" --classes "$classes" --root "$root"
+  local m
+  real_folder
   for m in ${REAL_MODELS//,/ }; do
-    # shellcheck disable=SC2086  # REAL_ARGS: more overrides, split on spaces
-    local common=("model=$m" trainer.precision=bf16-mixed "data.batch_size=$BATCH"
-      "trainer.max_epochs=${REAL_EPOCHS:-3}" "data.num_classes=$classes" ${REAL_ARGS:-})
-    train "$m-imagenet" data=imagenet "data.root=$root" "${common[@]}"
-    train "$m-synthetic" data=synthetic "data.train_batches=$((images / BATCH))" \
-      data.val_batches=2 "${common[@]}"
+    real_run "$m" data=imagenet "data.root=$REAL_ROOT"
+    real_run "$m" data=synthetic "data.train_batches=$((REAL_IMAGES / BATCH))" data.val_batches=2
   done
   "$PYTHON" -m vitrain.report "$OUT/runs" 2>&1
-  timeout "$BENCH_TIMEOUT" "$PYTHON" bench/loader.py --root "$root" --images "$images" \
-    --classes "$classes" --batch "$BATCH" --workers "1,$(nproc)" --repeats 1 \
+  timeout "$BENCH_TIMEOUT" "$PYTHON" bench/loader.py --root "$REAL_ROOT" --images "$REAL_IMAGES" \
+    --classes "$REAL_CLASSES" --batch "$BATCH" --workers "1,$(nproc)" --repeats 1 \
     --pipelines baseline,fast,fast+randaug,fast+3aug 2>&1
+}
+
+stage_dali() {
+  if ! "$PYTHON" -c "import nvidia.dali" 2>/dev/null; then
+    echo "== dali: skipped, nvidia.dali does not import (bring it with bench/dali_wheel.sh)"
+    return
+  fi
+  local m
+  real_folder
+  for m in ${DALI_MODELS:-${REAL_MODELS%%,*}}; do
+    real_run "$m" data=imagenet_dali "data.root=$REAL_ROOT" "data.device=${DALI_DEVICE:-gpu}"
+  done
+  "$PYTHON" -m vitrain.report "$OUT/runs" 2>&1
+  timeout "$BENCH_TIMEOUT" "$PYTHON" bench/loader.py --root "$REAL_ROOT" --images "$REAL_IMAGES" \
+    --classes "$REAL_CLASSES" --batch "$BATCH" --workers "$(nproc)" --repeats 1 \
+    --pipelines baseline,fast,fast+randaug,dali,dali+randaug 2>&1
 }
 
 stage_resolutions() {
@@ -110,8 +144,9 @@ stage_resolutions() {
       data.train_batches="$STEPS" data.val_batches=1 ${RES_ARGS:-}
   done
   # shellcheck disable=SC2086
-  train "$B16-schedule" "model=$B16" data=imagenet "data.root=${REAL_ROOT:-/tmp/vitrain-jpegs}" \
-    "data.num_classes=${REAL_CLASSES:-100}" trainer.precision=bf16-mixed "data.batch_size=$BATCH" \
+  real_folder
+  train "$B16-schedule" "model=$B16" data=imagenet "data.root=$REAL_ROOT" \
+    "data.num_classes=$REAL_CLASSES" trainer.precision=bf16-mixed "data.batch_size=$BATCH" \
     trainer.max_epochs=3 "trainer.limit_train_batches=$STEPS" trainer.limit_val_batches=1 \
     "data.resolution_schedule={start: ${RES_SIZES%%,*}, end: ${RES_SIZES##*,}, start_epoch: 0, end_epoch: 2, step: ${RES_STEP:-32}}" \
     ${RES_ARGS:-}
@@ -169,8 +204,8 @@ stage_profiler() {
 
 for name in ${STAGES//,/ }; do
   if ! declare -F "stage_$name" >/dev/null; then
-    echo "STAGES: no stage '$name' (realdata, tests, eager, compiled, switches, mfu, autotune," \
-      "cudagraphs, finder, loader, resolutions, profiler)"
+    echo "STAGES: no stage '$name' (realdata, tests, mfu, dali, eager, compiled, switches," \
+      "autotune, cudagraphs, finder, loader, resolutions, profiler)"
     exit 2
   fi
 done
