@@ -62,8 +62,8 @@ class SyntheticDataModule(pl.LightningDataModule):
         self.train_batches = train_batches
         self.val_batches = val_batches
 
-    def check(self) -> None:
-        """Nothing to find on disk."""
+    def check(self, stage: str = "fit") -> None:
+        """Nothing to find on disk, and no class names to record."""
 
     @property
     def per_device_batch_size(self) -> int:
