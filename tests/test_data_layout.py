@@ -14,7 +14,7 @@ from PIL import Image
 from vitrain.data.check import main as check_main
 from vitrain.data.decode_fast import FastSampleTransform
 from vitrain.data.decode_pil import PilSampleTransform
-from vitrain.data.layout import list_split
+from vitrain.data.layout import check_classes, list_split
 from vitrain.data.write_shards import convert
 from vitrain.errors import UserError
 
@@ -97,6 +97,17 @@ def test_val_lacking_a_class_gets_the_class_count_of_train(tmp_path):
         training_on(root, tmp_path, num_classes=2)
     assert "data.num_classes=3 (train/'s classes)" in str(err.value)
     assert "data.num_classes=2." not in str(err.value)
+
+
+def test_given_class_names_are_checked_in_their_order_and_count():
+    """data.classes (eval.py: a checkpoint's): each split read has them, in their order."""
+    check_classes({"val": ["a", "b"]}, 2, "/d", named=["a", "b"])
+    with pytest.raises(UserError, match=r"^/d/val has other class folders than data.classes"):
+        check_classes({"val": ["a", "b"]}, 2, "/d", named=["b", "a"])
+    with pytest.raises(UserError, match=r"\(the same names, in another order: a, b\)"):
+        check_classes({"val": ["a", "b"]}, 2, "/d", named=["b", "a"])
+    with pytest.raises(UserError, match=r"^data.num_classes=3 but data.classes names 2 classes"):
+        check_classes({"val": ["a", "b"]}, 3, "/d", named=["a", "b"])
 
 
 # --- pixel modes -----------------------------------------------------------------------------

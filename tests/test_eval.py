@@ -1,6 +1,7 @@
 """Evaluating a checkpoint on its own: `python eval.py ckpt_path=<file>` and vitrain.evaluate."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +20,26 @@ QUICK = [
 ]
 
 
+# digits' facts, read as a plain ImageFolder (data=digits would write the whole data set there)
+FOLDER = [
+    "data._target_=vitrain.data.ImageFolderDataModule",
+    "~data.val_fraction",
+    "~data.split_seed",
+]
+DIGITS = [str(d) for d in range(10)]
+
+
 def run_eval(overrides: list[str], output_dir) -> dict[str, float]:
     return evaluate(compose_config(overrides, output_dir, name="eval"))
+
+
+def val_only(root: Path, digits_root: Path, names: dict[str, str] | None = None) -> Path:
+    """root/val/ alone, its class folders links to the digits' val/ folders (renamed by
+    `names`: {digit: folder name})."""
+    (root / "val").mkdir(parents=True)
+    for digit in DIGITS:
+        (root / "val" / (names or {}).get(digit, digit)).symlink_to(digits_root / "val" / digit)
+    return root
 
 
 def test_eval_reports_the_accuracy_training_validated(ema_run, tmp_path, capsys):
@@ -101,3 +120,43 @@ def test_eval_cli_under_ddp_reduces_over_both_ranks(ema_run, tmp_path):
     assert report["metrics"]["val/acc1"] == pytest.approx(trained["val/acc1"], abs=1e-6)
     assert report["metrics"]["val/loss"] == pytest.approx(trained["val/loss"], rel=1e-5)
     assert result.stdout.count("  loaded          56 tensors") == 1  # printed by rank 0 alone
+
+
+def test_eval_reads_val_alone_with_the_class_names_the_checkpoint_records(ema_run, tmp_path):
+    run_dir, trained = ema_run
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert checkpoint["datamodule_hyper_parameters"]["classes"] == DIGITS  # train/'s, sorted
+    digits_root = Path(compose_config([f"ckpt_path={ckpt}", *QUICK], name="eval").data.root)
+
+    root = val_only(tmp_path / "val_only", digits_root)
+    metrics = run_eval([f"ckpt_path={ckpt}", *QUICK, *FOLDER, f"data.root={root}"], tmp_path)
+    assert metrics["val/acc1"] == trained["val/acc1"]  # the same images, the same labels
+
+    swapped = val_only(tmp_path / "renamed", digits_root, {"9": "nine"})
+    with pytest.raises(UserError) as err:
+        run_eval([f"ckpt_path={ckpt}", *QUICK, *FOLDER, f"data.root={swapped}"], tmp_path)
+    assert str(err.value).startswith(
+        f"{swapped}/val has other class folders than data.classes, the 10 class names the model "
+        "was trained on (eval.py reads them from its checkpoint) (only in data.classes: 9; only "
+        "in val: nine): a class's index is its place in data.classes"
+    )
+
+
+def test_a_checkpoint_without_class_names_still_needs_train(ema_run, tmp_path):
+    """One written before runs recorded their class names: train/'s folders name them."""
+    ckpt = ema_run[0] / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    del checkpoint["datamodule_hyper_parameters"]["classes"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    old = [f"ckpt_path={tmp_path / 'old.ckpt'}", *QUICK]
+    digits_root = Path(compose_config(old, name="eval").data.root)
+    root = val_only(tmp_path / "val_only", digits_root)
+    with pytest.raises(UserError) as err:
+        run_eval([*old, *FOLDER, f"data.root={root}"], tmp_path)
+    message = str(err.value)
+    assert message.startswith(f"data.root={root}: {root}/train does not exist")
+    assert "ckpt_path records no class names (a checkpoint written before runs" in message
+    assert message.endswith("or give data.classes=[...] (those folder names, sorted).")
+    metrics = run_eval([*old, "speed.batches=0", "speed.latency_runs=0"], tmp_path)
+    assert metrics["val/acc1"] == ema_run[1]["val/acc1"]  # with train/, as before

@@ -1,11 +1,14 @@
 """`python -m vitrain.export`: a checkpoint that plain timm loads, as README shows."""
 
 import json
+import os
 import re
+import stat
 import subprocess
 import sys
 import textwrap
 
+import timm
 import torch
 from conftest import ROOT
 from safetensors.torch import load_file
@@ -74,3 +77,34 @@ def test_export_raw_weights(ema_run, tmp_path, capsys):
     assert "vitrain checkpoint, raw weights" in capsys.readouterr().out
     assert export_main([str(tmp_path / "raw" / "model.safetensors"), str(tmp_path / "x")]) == 2
     assert "is not a checkpoint of a vitrain run" in capsys.readouterr().err
+
+
+def test_export_names_the_classes_in_index_order_as_timm_does(ema_run, tmp_path, capsys):
+    ckpt = ema_run[0] / "checkpoints" / "last.ckpt"
+    assert export_main([str(ckpt), str(tmp_path / "export")]) == 0
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    digits = [str(d) for d in range(10)]  # train/'s sorted class folders: index = position
+    assert config["label_names"] == digits and "label_descriptions" not in config
+    model = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True)
+    assert model.pretrained_cfg["label_names"] == digits  # timm's own reading of them
+
+    # A checkpoint written before runs recorded their class names: none to write, and it says so.
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    del checkpoint["datamodule_hyper_parameters"]["classes"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    capsys.readouterr()
+    assert export_main([str(tmp_path / "old.ckpt"), str(tmp_path / "old")]) == 0
+    assert "label_names" not in json.loads((tmp_path / "old" / "config.json").read_text())
+    assert "no class names in it" in capsys.readouterr().out
+
+
+def test_exported_files_get_the_mode_open_gives_a_new_file(ema_run, tmp_path):
+    ckpt = ema_run[0] / "checkpoints" / "last.ckpt"
+    for umask, mode in ((0o022, 0o644), (0o027, 0o640)):
+        previous = os.umask(umask)
+        try:
+            assert export_main([str(ckpt), str(tmp_path / oct(umask))]) == 0
+        finally:
+            os.umask(previous)
+        for name in ("model.safetensors", "config.json"):
+            assert stat.S_IMODE((tmp_path / oct(umask) / name).stat().st_mode) == mode, name

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import shutil
 import tarfile
 import threading
 from collections import Counter
@@ -284,6 +285,18 @@ def test_errors_name_the_value_and_the_fix(shards, tmp_path):
     with pytest.raises(UserError, match="data.shuffle_buffer=0 must be a positive integer"):
         datamodule(shards[0], shuffle_buffer=0)
     datamodule(shards[0]).check()  # the good one passes
+
+
+def test_the_index_names_the_classes_and_validation_alone_reads_val(shards, tmp_path):
+    module = datamodule(shards[0])
+    module.check()
+    assert module.hparams["classes"] == list(CLASSES)  # train/'s index: every checkpoint's
+    shutil.copytree(shards[0] / "val", tmp_path / "val")  # no train/
+    datamodule(tmp_path, classes=list(CLASSES)).check("validate")
+    with pytest.raises(UserError, match=r"\(only in data.classes: cow; only in val: ant\)"):
+        datamodule(tmp_path, classes=["bee", "cat", "cow"]).check("validate")
+    with pytest.raises(UserError, match=r"train/index.json.* ckpt_path records no class names"):
+        datamodule(tmp_path).check("validate")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("s3fs") is not None, reason="s3fs is installed")

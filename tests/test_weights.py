@@ -231,3 +231,33 @@ def test_finetune_recipe_without_weights_and_unset_values_are_errors(tmp_path):
         UserError, match=r"^model\.name must be given for this run: add model\.name"
     ):
         run_train([*TINY, "model=vit"], tmp_path)
+
+
+def test_finetune_experiment_on_synthetic_batches_starts_from_the_file(tmp_path):
+    """experiment=finetune data=synthetic (as experiment=speed measures a recipe): its input
+    settings (eval crop, random erasing) change nothing there; the weights are the file's."""
+    torch.manual_seed(0)
+    state = micro().state_dict()
+    save_file(state, tmp_path / "model.safetensors")
+    start = RecordStart()
+    run_train(
+        [
+            "experiment=finetune",
+            "model=vit_micro",
+            f"model.init_from={tmp_path / 'model.safetensors'}",
+            "data=synthetic",
+            "data.image_size=32",
+            "data.num_classes=10",
+            "data.batch_size=16",
+            "data.train_batches=2",
+            "data.val_batches=1",
+            "trainer.max_epochs=1",
+            "trainer.accelerator=cpu",
+            "trainer.enable_progress_bar=false",
+            "logger=none",
+            "callbacks=base",
+        ],
+        tmp_path / "run",
+        [start],
+    )
+    assert start.step == 0 and all(torch.equal(start.tensors[k], state[k]) for k in state)

@@ -3,8 +3,10 @@
 `python eval.py ckpt_path=<file> [data.root=<folder>] ...` (conf/eval.yaml, the same config groups
 as training). The model is the checkpoint's, built at data.image_size (the position embedding
 resampled when that differs from training) with its EMA weights when it has them (ema=false: the
-raw ones). The data is read as the run validated it: conf/eval.yaml takes the image size, classes,
-eval crop, interpolation, mean and std from the checkpoint unless given. Lightning's
+raw ones). The data is read as the run validated it: conf/eval.yaml takes the image size, the
+number and names of the classes, eval crop, interpolation, mean and std from the checkpoint unless
+given; val/ alone is read, its class folders checked against the names (a checkpoint written before
+runs recorded them: against train/'s, as in training). Lightning's
 Trainer.validate computes the metrics (torchmetrics, reduced over DDP ranks); rank 0 then times the
 model (vitrain.perf.inference) and writes eval_report.json in the evaluation's run directory.
 """
@@ -45,7 +47,10 @@ DATA_FACTS = (
     "augment.interpolation",
     "mean",
     "std",
+    "classes",
 )
+# None in a checkpoint written before runs recorded their class names: train/ names them then.
+OPTIONAL_FACTS = ("classes",)
 # torch.compile modes that capture CUDA graphs: Trainer.validate before any fit breaks them
 # (pytorch issue 135892).
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
@@ -57,7 +62,7 @@ def checkpoint_data_facts(path: str) -> dict:
     """The data settings the run validated with, as conf/eval.yaml reads them."""
     facts = read_run_checkpoint(path, "ckpt_path").get("datamodule_hyper_parameters") or {}
     found = {key: _lookup(facts, key) for key in DATA_FACTS}
-    missing = [key for key, value in found.items() if value is None]
+    missing = [key for key, value in found.items() if value is None and key not in OPTIONAL_FACTS]
     if missing:
         given = " ".join(f"data.{key}=..." for key in missing)
         raise UserError(
@@ -135,7 +140,7 @@ def _evaluate(cfg: DictConfig, extra_callbacks: list[Callback]) -> dict[str, flo
     container = setup_container(cfg.container)
     container["settings"] = apply_runtime_settings(cfg.runtime)
     module, loaded = build_eval_module(cfg, checkpoint)  # before the data: its checks are cheaper
-    datamodule = build_datamodule(cfg)
+    datamodule = build_datamodule(cfg, stage="validate")  # val/ alone, given the class names
     counter = CountImages()
     trainer = build_trainer(cfg, [*extra_callbacks, counter], loggers=[])
     (results,) = trainer.validate(module, datamodule=datamodule)

@@ -2,12 +2,14 @@
 loads, README "After training".
 
 DIR gets model.safetensors (the EMA weights when the checkpoint has them, under timm's own tensor
-names) and config.json in timm's form (architecture, num_classes, the create_model arguments and
-the pretrained_cfg with the run's input size, mean, std, crop_pct and interpolation), both written
-by timm's save_for_hf, so that `timm.create_model(...)` with that config, or
-`timm.create_model("local-dir:DIR", pretrained=True)`, rebuilds the trained model.
+names) and config.json in timm's form (architecture, num_classes, label_names: the class names in
+index order, the create_model arguments and the pretrained_cfg with the run's input size, mean,
+std, crop_pct and interpolation), both written by timm's save_for_hf, so that
+`timm.create_model(...)` with that config, or `timm.create_model("local-dir:DIR", pretrained=True)`,
+rebuilds the trained model. Both files get the mode open() gives a new file (0644 under umask 022).
 """
 
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +21,13 @@ from vitrain.models.factory import create_vit
 from vitrain.models.weights import load_weights, print_report, read_run_checkpoint
 
 SETTING = "checkpoint"
+FILES = ("model.safetensors", "config.json")
+
+
+def current_umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def export_for_timm(checkpoint_path: str | Path, out_dir: str | Path, ema: bool = True) -> Path:
@@ -48,6 +57,15 @@ def export_for_timm(checkpoint_path: str | Path, out_dir: str | Path, ema: bool 
     # tag and license describe the registry's pretrained weights this model was named after,
     # not these.
     model_config = {"pretrained_cfg": {"tag": None, "license": None}}
+    classes = data.get("classes")
+    if classes:  # timm writes them at the top level, as save_for_hf / push_to_hf_hub do
+        model_config["label_names"] = list(classes)
+    else:
+        print(
+            f"{SETTING}={checkpoint_path}: no class names in it (a checkpoint written before runs "
+            "recorded them): config.json gets no label_names.",
+            flush=True,
+        )
     out_dir = Path(out_dir)
     save_for_hf(
         model.eval(),
@@ -56,6 +74,11 @@ def export_for_timm(checkpoint_path: str | Path, out_dir: str | Path, ema: bool 
         safe_serialization=True,
         data_config=data_config,
     )
+    # safetensors writes through a temp file (mode 0600) that it renames: give both files the
+    # mode of any new file, for whoever shares the folder or serves it.
+    mode = 0o666 & ~current_umask()
+    for name in FILES:
+        os.chmod(out_dir / name, mode)
     return out_dir
 
 

@@ -120,9 +120,10 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list) -> 
         raise
 
 
-def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
+def build_datamodule(cfg: DictConfig, stage: str = "fit") -> pl.LightningDataModule:
+    """cfg.data's datamodule, checked for what the Lightning `stage` (fit, validate) reads."""
     datamodule = instantiate_node(cfg.data)
-    datamodule.check()
+    datamodule.check(stage)
     return datamodule
 
 

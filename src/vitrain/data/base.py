@@ -11,7 +11,7 @@ Each source (imagefolder.py, shards.py, dali.py, digits.py) holds only what diff
 """
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from vitrain.data.batch import Batch, collate_samples
 from vitrain.data.decode_fast import FastSampleTransform
 from vitrain.data.decode_pil import Encoded, PilSampleTransform
 from vitrain.data.epochs import EpochPosition, EpochSource, Repeats, ResumableLoader
-from vitrain.data.layout import SPLITS, Listing, check_classes, list_split
+from vitrain.data.layout import SPLITS, STAGE_SPLITS, Listing, check_classes, list_split
 from vitrain.data.on_device import DeviceAugment
 from vitrain.data.resolution import ResolutionPlan
 from vitrain.data.sizing import auto_num_workers, per_device_batch_size
@@ -36,7 +36,14 @@ LOADERS = ("fast", "pil")
 NOT_RESUMABLE = "You're resuming from a checkpoint that ended before the epoch ended"
 LAYOUT_FIX = (
     "point data.root=/path/to/imagenet at a folder with train/ and val/ class folders "
-    "(README 'Training on ImageNet'), or run experiment=quickstart"
+    "(README 'Training on ImageNet'; eval.py reads val/ alone), or run experiment=quickstart"
+)
+# Why eval.py reads train/ too for a checkpoint without class names, and what else would do.
+UNNAMED_FIX = (
+    "eval.py needs train/ here: data.classes is not given, and ckpt_path records no class names "
+    "(a checkpoint written before runs recorded them), so train/'s sorted class folders name "
+    "the model's classes. Point data.root at the training run's data with its train/, or give "
+    "data.classes=[...] (those folder names, sorted)"
 )
 # In a container data.root is a path inside it: the fix is the host folder mounted there.
 MOUNT_FIX = (
@@ -50,7 +57,12 @@ class ImageDataModule(pl.LightningDataModule):
 
     The constructor's arguments are saved as the datamodule's hyper-parameters, so every
     checkpoint carries them (Lightning's `datamodule_hyper_parameters`): evaluation and export
-    read the image size, mean/std and eval crop of the run from there.
+    read the image size, mean/std, eval crop and class names of the run from there.
+
+    classes: the class names behind the class indices, index = position. None (a training run):
+    train/'s sorted class folders (a shard index's classes), which check() records in the
+    hyper-parameters; given (eval.py: the checkpoint's), every split read must have them, and
+    validation alone does not read train/.
     """
 
     def __init__(
@@ -67,6 +79,7 @@ class ImageDataModule(pl.LightningDataModule):
         train_image_size: int | None = None,
         resolution_schedule: dict | None = None,
         batch_size_schedule: str = "constant",
+        classes: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -80,6 +93,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.image_size = image_size
         self.num_classes = num_classes
+        self.classes = list(classes) if classes is not None else None
         self.augment = dict(augment)
         self.eval_crop_pct = eval_crop_pct
         self.mean, self.std = list(mean), list(std)
@@ -108,19 +122,33 @@ class ImageDataModule(pl.LightningDataModule):
     def root_path(self) -> Path:
         return Path(self.root)
 
-    def split_classes(self) -> dict[str, list[str]]:
-        """Each split's class names; sources with another layout (shards) override this."""
+    def split_classes(self, splits: Sequence[str] = SPLITS) -> dict[str, list[str]]:
+        """The class names of each of `splits`; sources with another layout (shards) override
+        this."""
         if self.root_path.exists() and not self.root_path.is_dir():
             raise UserError(f"data.root={self.root} is a file, not a folder: {LAYOUT_FIX}.")
         if not self.root_path.is_dir():
             raise UserError(
                 f"data.root={self.root} does not exist: {LAYOUT_FIX}.{docker_hint(MOUNT_FIX)}"
             )
-        return {split: self.listing(split).classes for split in SPLITS}
+        return {split: self.listing(split).classes for split in splits}
 
-    def check(self) -> None:
-        """Fail before training, naming the value and the fix, if the data is not usable."""
-        check_classes(self.split_classes(), self.num_classes, where=str(self.root))
+    def check(self, stage: str = "fit") -> None:
+        """Fail before the run, naming the value and the fix, if the splits that `stage` reads
+        (fit: train/ and val/; validate: val/) are not usable; then record the class names."""
+        splits = STAGE_SPLITS[stage]
+        if self.classes is None and "train" not in splits:
+            try:  # train/'s folders name the classes
+                self.split_classes(("train",))
+            except UserError as err:
+                raise UserError(f"{err} {UNNAMED_FIX}.") from None
+            splits = SPLITS
+        found = self.split_classes(splits)
+        check_classes(found, self.num_classes, where=str(self.root), named=self.classes)
+        if self.classes is None:
+            # In the hyper-parameters, which every checkpoint carries (Lightning logs the
+            # constructor's own, hparams_initial): eval.py and the export read them there.
+            self.hparams["classes"] = found["train"]
 
     # --- sizes -----------------------------------------------------------------------------
     @property
@@ -216,8 +244,8 @@ class WorkerDecodedDataModule(ImageDataModule):
         """The split's dataset, its samples decoded by sample_transform(split): the source's."""
         raise NotImplementedError
 
-    def setup(self, stage: str | None = None) -> None:
-        for split in SPLITS:
+    def setup(self, stage: str = "fit") -> None:
+        for split in STAGE_SPLITS[stage]:
             if split not in self.datasets:
                 self.datasets[split] = self.dataset(split)
 

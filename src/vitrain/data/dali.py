@@ -333,7 +333,7 @@ class DaliDataModule(ImageDataModule):
         self.device, self.threads, self.seed = device, threads, seed
         self.repeated_aug = repeated_aug  # a recipe may set it (recipe=deit3); check() refuses it
 
-    def check(self) -> None:
+    def check(self, stage: str = "fit") -> None:
         """Fail before training (train.py calls this; Hydra would wrap errors raised in
         __init__), naming the value and the fix: DALI missing, settings DALI cannot honour, a
         wrong folder layout."""
@@ -355,7 +355,7 @@ class DaliDataModule(ImageDataModule):
                 "data.batch_size_schedule need data=imagenet or data=imagenet_shards "
                 "(data.train_image_size works)."
             )
-        super().check()
+        super().check(stage)
 
     @property
     def dali_threads(self) -> int:

@@ -68,6 +68,6 @@ class DigitsDataModule(ImageFolderDataModule):
     def prepare_data(self) -> None:
         write_digits_imagefolder(self.root_path, self.val_fraction, self.split_seed)
 
-    def check(self) -> None:
+    def check(self, stage: str = "fit") -> None:
         self.prepare_data()
-        super().check()
+        super().check(stage)

@@ -12,7 +12,9 @@ The rules, each a way a folder trained silently wrong before:
   already listed (a loop: torchvision follows it 40 levels deep, one class then counts 41 times;
   or a second link to the same folder) is an error naming it;
 - train/ and val/ have the same class folders (a val/ folder named otherwise gets another
-  class's index, and is scored against the wrong labels), and data.num_classes is train/'s count.
+  class's index, and is scored against the wrong labels), and data.num_classes is train/'s count;
+  where the class names are given (data.classes: eval.py takes them from the checkpoint, whose
+  run recorded train/'s), every split read has them instead, and train/ need not be there.
 """
 
 import os
@@ -24,6 +26,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 from vitrain.errors import UserError
 
 SPLITS = ("train", "val")
+# The splits each Lightning stage reads: training validates too; eval.py validates only.
+STAGE_SPLITS = {"fit": SPLITS, "validate": ("val",)}
 SHOWN = 10  # class names shown in a difference
 
 
@@ -120,28 +124,62 @@ def _names(names: set[str]) -> str:
     return ", ".join(shown) + more if names else "none"
 
 
-def check_same_classes(split_classes: dict[str, list[str]], where: str, advice: str = "") -> None:
-    """Every split has train/'s class folders."""
-    train = split_classes["train"]
+def _difference(expected: list[str], expected_name: str, found: list[str], found_name: str) -> str:
+    only_expected, only_found = set(expected) - set(found), set(found) - set(expected)
+    if not (only_expected or only_found):  # a shard index can list them in any order
+        return f"the same names, in another order: {', '.join(found[:SHOWN])}"
+    return (
+        f"only in {expected_name}: {_names(only_expected)}; only in {found_name}: "
+        f"{_names(only_found)}"
+    )
+
+
+def check_same_classes(
+    split_classes: dict[str, list[str]],
+    where: str,
+    advice: str = "",
+    named: list[str] | None = None,
+) -> None:
+    """Every split has the class folders behind the class indices, in their order: train/'s,
+    or `named` (data.classes) where the names are given."""
+    reference = split_classes["train"] if named is None else named
     for split, classes in split_classes.items():
-        if classes != train:
-            raise UserError(
-                f"{where}/train and {where}/{split} have different class folders (only in train: "
-                f"{_names(set(train) - set(classes))}; only in {split}: "
-                f"{_names(set(classes) - set(train))}): a class's index is its place among the "
-                f"sorted folder names, so {split}/ would be scored against the wrong labels. Give "
-                f"both splits the same class folders{advice}."
+        if classes == reference:
+            continue
+        if named is None:
+            what = f"{where}/train and {where}/{split} have different class folders"
+            difference = _difference(reference, "train", classes, split)
+            index, fix = "its place among the sorted folder names", "Give both splits the same"
+        else:
+            what = (
+                f"{where}/{split} has other class folders than data.classes, the "
+                f"{len(named)} class names the model was trained on (eval.py reads them from its "
+                "checkpoint)"
             )
+            difference = _difference(reference, "data.classes", classes, split)
+            index, fix = "its place in data.classes", f"Give {split}/ data.classes' names as its"
+        raise UserError(
+            f"{what} ({difference}): a class's index is {index}, so {split}/ would be scored "
+            f"against the wrong labels. {fix} class folders{advice}."
+        )
 
 
-def check_classes(split_classes: dict[str, list[str]], num_classes: int, where: str) -> None:
-    """Every split has train/'s class folders, and data.num_classes is their number."""
-    train = split_classes["train"]
-    wrong_count = len(train) != num_classes
-    advice = f"; and set data.num_classes={len(train)} (train/'s classes)" if wrong_count else ""
-    check_same_classes(split_classes, where, advice)
+def check_classes(
+    split_classes: dict[str, list[str]],
+    num_classes: int,
+    where: str,
+    named: list[str] | None = None,
+) -> None:
+    """Every split has the class folders behind the class indices (train/'s, or `named`:
+    data.classes), and data.num_classes is their number."""
+    reference = split_classes["train"] if named is None else named
+    counted = f"{where}/train has" if named is None else "data.classes names"
+    source = "train/'s classes" if named is None else "data.classes' names"
+    wrong_count = len(reference) != num_classes
+    advice = f"; and set data.num_classes={len(reference)} ({source})" if wrong_count else ""
+    check_same_classes(split_classes, where, advice, named)
     if wrong_count:
         raise UserError(
-            f"data.num_classes={num_classes} but {where}/train has {len(train)} classes: set "
-            f"data.num_classes={len(train)}."
+            f"data.num_classes={num_classes} but {counted} {len(reference)} classes: set "
+            f"data.num_classes={len(reference)}."
         )

@@ -31,7 +31,7 @@ import itertools
 import json
 import multiprocessing
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from urllib.parse import urlparse
@@ -345,8 +345,8 @@ class ShardsDataModule(WorkerDecodedDataModule):
             self.indexes[split] = read_index(self.split_url(split))
         return self.indexes[split]
 
-    def split_classes(self) -> dict[str, list[str]]:
-        return {split: self.index(split)["classes"] for split in SPLITS}
+    def split_classes(self, splits: Sequence[str] = SPLITS) -> dict[str, list[str]]:
+        return {split: self.index(split)["classes"] for split in splits}
 
     def dataset(self, split: str) -> ShardDataset:
         return ShardDataset(

@@ -37,9 +37,10 @@ class DeviceBatches:
 class SyntheticDataModule(pl.LightningDataModule):
     """data=synthetic: `train_batches` and `val_batches` random batches a epoch, on the device.
 
-    augment, repeated_aug: the input pipeline's settings, which a recipe sets with the rest of
-    it (recipe=deit3): synthetic batches have no input pipeline, so they take them and change
-    nothing (the recipe's loss, optimiser and mixing still apply: they are the model's).
+    augment, repeated_aug, eval_crop_pct: the input pipeline's settings, which a recipe or an
+    experiment sets with the rest of it (recipe=deit3, experiment=finetune): synthetic batches
+    have no input pipeline, so they take them and change nothing (the recipe's loss, optimiser
+    and mixing still apply: they are the model's).
     """
 
     def __init__(
@@ -51,6 +52,7 @@ class SyntheticDataModule(pl.LightningDataModule):
         val_batches: int = 10,
         augment: dict | None = None,
         repeated_aug: int = 1,
+        eval_crop_pct: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -60,8 +62,8 @@ class SyntheticDataModule(pl.LightningDataModule):
         self.train_batches = train_batches
         self.val_batches = val_batches
 
-    def check(self) -> None:
-        """Nothing to find on disk."""
+    def check(self, stage: str = "fit") -> None:
+        """Nothing to find on disk, and no class names to record."""
 
     @property
     def per_device_batch_size(self) -> int:
