@@ -21,6 +21,11 @@ from vitrain.errors import UserError
         (["trainer.precision=fp8"], "trainer: Precision 'fp8' is invalid"),
         # raised while Hydra instantiates the data module: reaches the user unwrapped
         (["data=imagenet", "data.loader=bogus"], "data.loader=bogus is not one of fast, pil"),
+        # a setting the chosen data option's class does not take (an experiment's, say)
+        (
+            ["data=synthetic", "+data.train_image_size=24"],
+            "data.train_image_size=24 is set, but data=synthetic",
+        ),
     ],
 )
 def test_user_error_names_the_value_and_the_fix(overrides, message, tmp_path):

@@ -6,6 +6,7 @@ docs/architecture.md draws the flow; each build_* function owns one part of it.
 import contextlib
 import datetime
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -39,6 +40,7 @@ from vitrain.report.run_report import (
     REPORT_NAME,
     build_run_report,
     format_summary,
+    hydra_choice,
     write_json_atomic,
 )
 from vitrain.runtime import accelerator_is_cuda, apply_runtime_settings, compile_mode
@@ -67,14 +69,29 @@ def check_precision(precision: str, accelerator: str) -> None:
         )
 
 
-def instantiate_node(node: Any, **kwargs) -> Any:
+UNEXPECTED_SETTING = re.compile(r"got an unexpected keyword argument '(\w+)'")
+
+
+def instantiate_node(node: Any, group: str | None = None, **kwargs) -> Any:
     """hydra.utils.instantiate, with a vitrain UserError raised inside a constructor reaching the
-    user as itself (one line), not as Hydra's wrapper with a traceback."""
+    user as itself (one line), not as Hydra's wrapper with a traceback; and, for the node of
+    config group `group`, a setting its class does not take (an experiment's data.* keys with
+    another data option) named as the user's error it is."""
     try:
         return instantiate(node, _convert_="all", **kwargs)
     except InstantiationException as err:
         if isinstance(err.__cause__, UserError):
             raise err.__cause__ from None
+        unexpected = UNEXPECTED_SETTING.search(str(err.__cause__))
+        if group is not None and isinstance(err.__cause__, TypeError) and unexpected:
+            key, option = unexpected.group(1), hydra_choice(group, None)
+            chosen = f"{group}={option}" if option else f"this {group} option"
+            raise UserError(
+                f"{group}.{key}={node.get(key)} is set, but {chosen} ({node.get('_target_')}) "
+                f"has no such setting: choose a {group} option that has it, or remove "
+                f"{group}.{key} (an experiment may set it: python train.py --cfg job shows "
+                "the composed config)."
+            ) from None
         raise
 
 
@@ -122,7 +139,7 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list) -> 
 
 def build_datamodule(cfg: DictConfig, stage: str = "fit") -> pl.LightningDataModule:
     """cfg.data's datamodule, checked for what the Lightning `stage` (fit, validate) reads."""
-    datamodule = instantiate_node(cfg.data)
+    datamodule = instantiate_node(cfg.data, group="data")
     datamodule.check(stage)
     return datamodule
 
