@@ -13,6 +13,8 @@ import pytest
 from conftest import ROOT, compose_config, run_cli
 from omegaconf import OmegaConf
 
+from vitrain.report import setting_text
+
 optuna = pytest.importorskip("optuna", reason="needs the sweeps extra: pip install -e .[dev]")
 submitit = pytest.importorskip("submitit", reason="needs the sweeps extra: pip install -e .[dev]")
 
@@ -176,10 +178,16 @@ def test_optuna_search_with_ddp_resumes_after_interruption(tmp_path):
         text=True,
         check=True,
     ).stdout
-    rows = [line for line in table.splitlines() if line.startswith("| sweep/")]
-    assert [row.split(" | ")[0] for row in rows] == ["| sweep/0", "| sweep/2"]
-    for row, trial in zip(rows, (study.trials[0], study.trials[2]), strict=True):
-        assert f"| {100 * trial.value:.2f} |" in row  # best val/acc1, as the study saw it
+    header, *rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in table.splitlines()
+        if line.startswith("|") and "---" not in line
+    ]
+    assert header[:4] == list(SEARCHED)  # the sampled values, which differ between the trials
+    for cells, trial in zip(rows, (study.trials[0], study.trials[2]), strict=True):
+        row = dict(zip(header, cells, strict=True))
+        assert all(row[key] == setting_text(trial.params[key]) for key in SEARCHED), row
+        assert row["best val/acc1 (%)"] == f"{100 * trial.value:.2f}"  # as the study saw it
 
 
 # --- hydra/launcher=slurm and hydra/launcher=local --------------------------------------------
