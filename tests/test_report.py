@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +110,16 @@ def test_searched_values_that_differ_are_columns(tmp_path: Path) -> None:
     assert (
         report.compare(report.load_reports([tmp_path]), "recipe.base_lr=8.12e-3").baseline_row == 1
     )
+
+
+def test_a_run_that_did_not_finish_is_named_below_the_table(tmp_path: Path) -> None:
+    write_trials(tmp_path / "search", [{"recipe.base_lr": "1e-3"}, {"recipe.base_lr": "1e30"}])
+    failed = tmp_path / "search/1/run_report.json"
+    data = json.loads(failed.read_text())
+    data["run"]["status"] = "failed"
+    failed.write_text(json.dumps(data))
+    md = report.to_markdown(report.compare(report.load_reports([tmp_path])))
+    assert "_not finished: row 2 failed_" in md.splitlines()
 
 
 def test_identical_overrides_add_no_column(tmp_path: Path) -> None:

@@ -260,6 +260,14 @@ def compare(reports: Sequence[dict[str, Any]], baseline: str | None = None) -> C
             "time to X %: wall seconds from the start of training until val/acc1 first reached "
             f"X ({MISSING}: not reached)"
         )
+    # A failed trial of a search keeps its report: its figures are those of a run cut short.
+    unfinished = [
+        f"row {i + 1} {status}"
+        for i, r in enumerate(reports)
+        if (status := (r.get("run") or {}).get("status", "finished")) != "finished"
+    ]
+    if unfinished:
+        notes.append(f"not finished: {', '.join(unfinished)}")
     # An override is recorded only by the runs that gave it: the others ran the config's value.
     unset = [k for k in settings if k not in essentials and any(k not in c for c in configs)]
     if unset:
