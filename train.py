@@ -26,9 +26,10 @@ def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
     except UserError as err:
-        # SystemExit passes through Hydra's handler: one message, exit code 2, no traceback.
+        # SystemExit passes through Hydra's handler: one message, exit code 2, no traceback. Its
+        # cause is how an Optuna search tells this exit from others (hydra_plugins/vitrain_sweeps).
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        raise SystemExit(2) from err
     except Preempted as stop:
         print(f"preempted: {stop}", file=sys.stderr)
         sys.exit(stop.exit_code)

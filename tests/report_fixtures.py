@@ -100,9 +100,14 @@ BASE: dict[str, Any] = {
 
 
 def make_report(
-    *, config: dict[str, Any] | None = None, gpu: bool = True, **summary: Any
+    *,
+    config: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+    gpu: bool = True,
+    **summary: Any,
 ) -> dict[str, Any]:
-    """A schema-1 report: `config` updates config, keyword args update summary.
+    """A schema-1 report: `config` updates config, `overrides` replaces the command-line
+    overrides, keyword args update summary.
 
     images_per_s also sets the per-epoch curve; gpu=False drops every GPU/MFU key, as a CPU run.
     """
@@ -111,6 +116,8 @@ def make_report(
         report["config"].update(accelerator="cpu", devices=1)
         report["environment"].update(gpus=[], cuda=None)
     report["config"].update(config or {})
+    if overrides is not None:
+        report["overrides"] = list(overrides)
     s = report["summary"]
     s.update(summary)
     devices = report["config"]["devices"]
@@ -131,12 +138,17 @@ def make_report(
 
 
 def write_fake_report(
-    run_dir: str | Path, *, config: dict[str, Any] | None = None, gpu: bool = True, **summary: Any
+    run_dir: str | Path,
+    *,
+    config: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+    gpu: bool = True,
+    **summary: Any,
 ) -> Path:
     """Write make_report(...) as run_dir/run_report.json (dirs created); returns the file."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    report = make_report(config=config, gpu=gpu, **summary)
+    report = make_report(config=config, overrides=overrides, gpu=gpu, **summary)
     report["run"]["output_dir"] = str(run_dir.resolve())
     file = run_dir / "run_report.json"
     file.write_text(json.dumps(report, indent=1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from report_fixtures import write_fake_report
 
 from vitrain import report
 from vitrain.report import MISSING, ReportError
+from vitrain.report.run_report import OVERRIDE_OF
 
 
 @pytest.fixture
@@ -74,6 +76,96 @@ def test_columns_are_only_the_differing_settings(tmp_path: Path) -> None:
     assert header[:2] == ["precision", "devices"]
     assert "model" not in header and "container" not in header
     assert c.run_labels[1] == "precision=32-true, devices=8"
+
+
+SEARCH = ["hparams_search=optuna_deit", "experiment=quickstart", "trainer.max_epochs=10"]
+
+
+def write_trials(sweep: Path, trials: list[dict[str, str]]) -> None:
+    """Fake reports of an Optuna search: job n ran the common overrides and trials[n]'s values."""
+    for number, values in enumerate(trials):
+        overrides = [*SEARCH, *(f"{key}={value}" for key, value in values.items())]
+        write_fake_report(sweep / str(number), overrides=overrides)
+
+
+def test_searched_values_that_differ_are_columns(tmp_path: Path) -> None:
+    write_trials(
+        tmp_path / "search",
+        [
+            {"recipe.base_lr": "0.000321784", "recipe.weight_decay": "0.05"},
+            {"recipe.base_lr": "0.00812", "recipe.weight_decay": "0.05"},
+            {"recipe.base_lr": "0.0123", "recipe.weight_decay": "0.05"},
+        ],
+    )
+    c = report.compare(report.load_reports([tmp_path]))
+    # The searched key that varies, and none that every trial shares (the weight decay, the
+    # common overrides).
+    assert c.settings == ["recipe.base_lr"]
+    header, *rows = table_rows(report.to_markdown(c))
+    assert header[0] == "recipe.base_lr" and header[1] == "epoch time (s)"
+    assert [row[0] for row in rows] == ["3.22e-4", "8.12e-3", "0.0123"]
+    assert "run" not in c.keys  # the values tell the trials apart
+    assert c.run_labels[0] == "recipe.base_lr=3.22e-4"
+    # --baseline reads the same settings, a number in any notation.
+    assert (
+        report.compare(report.load_reports([tmp_path]), "recipe.base_lr=8.12e-3").baseline_row == 1
+    )
+
+
+def test_a_run_that_did_not_finish_is_named_below_the_table(tmp_path: Path) -> None:
+    write_trials(tmp_path / "search", [{"recipe.base_lr": "1e-3"}, {"recipe.base_lr": "1e30"}])
+    failed = tmp_path / "search/1/run_report.json"
+    data = json.loads(failed.read_text())
+    data["run"]["status"] = "failed"
+    failed.write_text(json.dumps(data))
+    md = report.to_markdown(report.compare(report.load_reports([tmp_path])))
+    assert "_not finished: row 2 failed_" in md.splitlines()
+
+
+def test_identical_overrides_add_no_column(tmp_path: Path) -> None:
+    write_trials(tmp_path / "search", [{"recipe.base_lr": "1e-3"}, {"recipe.base_lr": "0.001"}])
+    c = report.compare(report.load_reports([tmp_path]))
+    assert c.settings == []  # 1e-3 and 0.001 are one value
+    header = table_rows(report.to_markdown(c))[0]
+    assert header[0] == "run" and not any("." in cell for cell in header)
+
+
+def test_an_override_of_a_recorded_setting_is_its_column(tmp_path: Path) -> None:
+    for precision in ("32-true", "bf16-mixed"):
+        write_fake_report(
+            tmp_path / precision,
+            config={"precision": precision},
+            overrides=[f"trainer.precision={precision}", "trainer.devices=auto"],
+        )
+    c = report.compare(report.load_reports([tmp_path]), "trainer.precision=32-true")
+    assert c.settings == ["precision"] and c.baseline_row == 0
+
+
+def test_a_run_without_the_override_shows_a_dash_and_says_why(tmp_path: Path) -> None:
+    write_trials(tmp_path / "search", [{"recipe.base_lr": "1e-3"}, {}])
+    c = report.compare(report.load_reports([tmp_path]))
+    md = report.to_markdown(c)
+    assert [row[0] for row in table_rows(md)] == ["recipe.base_lr", "1e-3", MISSING]
+    assert f"{MISSING} under recipe.base_lr: not overridden" in md
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (3.2e-4, "3.2e-4"),
+        (0.000321784, "3.22e-4"),
+        (0.05, "0.05"),
+        (0.123456, "0.123"),
+        (250.0, "250"),
+        (1e30, "1e30"),
+        (0.0, "0.0"),
+        (8, "8"),
+        (True, "true"),
+        ("1e-3", "1e-3"),
+    ],
+)
+def test_setting_text_is_compact(value, text) -> None:
+    assert report.setting_text(value) == text
 
 
 def test_single_run_shows_model_precision_devices(tmp_path: Path) -> None:
@@ -205,7 +297,11 @@ def test_cli_end_to_end(ngc_vs_pip: Path, tmp_path: Path) -> None:
 def test_two_real_runs_make_a_table_with_the_right_speedup(real_runs) -> None:
     reports = report.load_reports([real_runs])
     assert [r["config"]["global_batch"] for r in reports] == [16, 32]
+    # Each essential the report folds an override into is one a real run records.
+    assert set(OVERRIDE_OF) <= set(reports[0]["config"])
+    assert "data.batch_size=16" in reports[0]["overrides"]
     comparison = report.compare(reports, baseline="global_batch=16")
+    assert comparison.settings == ["global_batch", "per_device_batch"]  # no data.batch_size
     table = report.to_markdown(comparison)
     assert "| global_batch |" in table.splitlines()[0]
     speeds = [r["summary"]["images_per_s"] for r in reports]

@@ -3,6 +3,7 @@
 import inspect
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, compose_config, run_cli
 from omegaconf import OmegaConf
+
+from vitrain.report import setting_text
 
 optuna = pytest.importorskip("optuna", reason="needs the sweeps extra: pip install -e .[dev]")
 submitit = pytest.importorskip("submitit", reason="needs the sweeps extra: pip install -e .[dev]")
@@ -89,6 +92,194 @@ def test_resume_study_counts_completed_trials_and_fails_interrupted_ones(tmp_pat
     assert resume_study(storage, "s") == (2, 3)
     states = [t.state.name for t in optuna.load_study(study_name="s", storage=storage).trials]
     assert states == ["COMPLETE", "COMPLETE", "FAIL"]
+
+
+def trials_of(sweep: Path) -> list[tuple[int, str, dict]]:
+    study = optuna.load_study(study_name="optuna_deit", storage=f"sqlite:///{sweep}/optuna.db")
+    return [(t.number, t.state.name, t.params) for t in study.trials]
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.slow
+def test_a_trial_that_fails_is_marked_failed_and_the_search_goes_on(tmp_path):
+    """3 trials over a learning rate of 5e-4 or 1e30, whose loss goes NaN: the sampler's seed
+    gives 5e-4, 1e30, 5e-4, so the NaN trial comes after one that completed."""
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        [
+            "hparams_search=optuna_deit",
+            *SHORT,
+            "recipe.base_lr=choice(5e-4,1e30)",  # the search space: this one value
+            "recipe.weight_decay=0.05",
+            "model.drop_path_rate=0",
+            "recipe.mixup_alpha=0",
+            "hydra.sweeper.n_trials=3",
+            "hydra.sweeper.sampler.seed=10",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert trials_of(sweep) == [
+        (0, "COMPLETE", {"recipe.base_lr": 5e-4}),
+        (1, "FAIL", {"recipe.base_lr": 1e30}),
+        (2, "COMPLETE", {"recipe.base_lr": 5e-4}),
+    ]
+    (nan,) = error_lines(result.stderr)  # train.py's line for trial 1, and no other
+    assert nan.startswith("error: train/loss became NaN")
+    warning = f"Trial 1 failed (recipe.base_lr=1e30) in {sweep / '1'}: {nan[len('error: ') :]}"
+    assert warning in result.stdout and "the search goes on" in result.stdout
+    # Trial 1 trained until its loss went NaN: its report says so.
+    assert json.loads((sweep / "1/run_report.json").read_text())["run"]["status"] == "failed"
+    # The failed trial does not count: a rerun would run one more to reach 3 completed.
+    assert resume_study(f"sqlite:///{sweep}/optuna.db", "optuna_deit") == (2, 3)
+    assert OmegaConf.load(sweep / "optimization_results.yaml").best_params == {
+        "recipe.base_lr": 5e-4
+    }
+
+
+@pytest.mark.slow
+def test_a_config_error_stops_the_search_at_its_first_trial(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        [
+            "hparams_search=optuna_deit",
+            *SHORT,
+            "model.name=vit_nope",
+            "hydra.sweeper.n_trials=3",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == [
+        "error: model.name=vit_nope is not a timm model. Pick a preset with "
+        "model=vit_micro|vit_ti16|vit_s16|vit_b16|vit_b32|vit_l16."
+    ]
+    assert "Traceback" not in result.stderr
+    assert [(n, state) for n, state, _ in trials_of(sweep)] == [(0, "FAIL")]
+    assert "Trial 0 failed" in result.stdout and "stopping" in result.stdout
+    assert not (sweep / "1").exists()
+
+
+def test_trial_function_hands_train_py_user_error_exit_to_the_search():
+    # Looked up now: Hydra's plugin scan in an earlier test may have re-imported the module.
+    from hydra_plugins.vitrain_sweeps.optuna_sweeper import TrialError, TrialFunction
+    from vitrain.errors import Preempted, UserError
+
+    def main(error):
+        """train.py's main: an error line and exit 2 for a UserError, exit 143 for a stop."""
+        try:
+            raise error
+        except UserError as err:
+            raise SystemExit(2) from err
+        except Preempted as stop:
+            sys.exit(stop.exit_code)
+
+    with pytest.raises(TrialError, match="^data.root=/x does not exist") as caught:
+        TrialFunction(main)(UserError("data.root=/x does not exist"))
+    assert caught.value.__context__ is None  # nothing of the failed trial is held on to
+    # A submitit job pickles it back to the search, which then knows who printed its line.
+    back = pickle.loads(pickle.dumps(caught.value))
+    assert str(back) == str(caught.value) and back.printed_by == caught.value.printed_by
+    with pytest.raises(SystemExit) as stopped:  # a preempted trial still ends the search
+        TrialFunction(main)(Preempted("SIGTERM", exit_code=143))
+    assert stopped.value.code == 143
+
+
+def test_max_failure_rate_is_refused(tmp_path, capsys):
+    cfg = compose_with_hydra(
+        [
+            "hparams_search=optuna_deit",
+            "hydra.sweeper.max_failure_rate=0.5",
+            f"hydra.sweep.dir={tmp_path}",
+        ]
+    )
+    with pytest.raises(SystemExit) as stopped:
+        instantiate_plugin(cfg, "sweeper").sweep([])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: hydra.sweeper.max_failure_rate=0.5 is not used")
+    assert not (tmp_path / "optuna.db").exists()
+
+
+def search_with(tmp_path, results) -> tuple[list, object]:
+    """The sweeper as Hydra builds it, its jobs not run: job n returns results(n) (a number, or
+    an exception it failed with). Returns the list the launched jobs' overrides go to, and the
+    sweeper."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    cfg = compose_with_hydra(["hparams_search=optuna_deit", f"hydra.sweep.dir={tmp_path}"])
+    sweeper = instantiate_plugin(cfg, "sweeper")
+    launched = []
+
+    def launch(jobs, initial_job_idx):
+        returns = []
+        for number, job in enumerate(jobs, initial_job_idx):
+            launched.append(list(job))
+            result = results(number)
+            failed = isinstance(result, BaseException)
+            returns.append(
+                JobReturn(
+                    overrides=list(job),
+                    hydra_cfg=OmegaConf.create(
+                        {"hydra": {"runtime": {"output_dir": f"j{number}"}}}
+                    ),
+                    status=JobStatus.FAILED if failed else JobStatus.COMPLETED,
+                    _return_value=result,
+                )
+            )
+        return returns
+
+    sweeper.sweeper.launcher.launch = launch
+    return launched, sweeper
+
+
+def test_a_failed_trial_beside_a_completed_one_does_not_stop_the_search(tmp_path, caplog):
+    """Two trials at a time: in the first pair one fails (not a UserError) and one completes."""
+    error = RuntimeError("CUDA error: an illegal memory access\nmore lines")
+    launched, sweeper = search_with(tmp_path, lambda n: error if n == 0 else 0.5)
+    sweeper.sweeper.n_jobs, sweeper.sweeper.n_trials = 2, 4
+    sweeper.sweep(["recipe.base_lr=choice(1e-3,2e-3)", "recipe.weight_decay=0.05"])
+    assert len(launched) == 4
+    assert [(n, state) for n, state, _ in trials_of(tmp_path)] == [
+        (0, "FAIL"),
+        (1, "COMPLETE"),
+        (2, "COMPLETE"),
+        (3, "COMPLETE"),
+    ]
+    (warning,) = [r.message for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith("Trial 0 failed (") and "recipe.base_lr=" in warning
+    assert "in j0: RuntimeError: CUDA error: an illegal memory access -- the search" in warning
+
+
+def test_a_first_trial_that_raises_or_returns_nothing_stops_the_search(tmp_path, capsys):
+    launched, sweeper = search_with(tmp_path / "raises", lambda n: KeyError("boom"))
+    with pytest.raises(KeyError, match="boom"):  # with its traceback, as Hydra shows it
+        sweeper.sweep([])
+    assert len(launched) == 1 and trials_of(tmp_path / "raises")[0][1] == "FAIL"
+    # No val/acc1 to maximise (experiment=speed): every trial would return None.
+    launched, sweeper = search_with(tmp_path / "none", lambda n: None)
+    with pytest.raises(SystemExit) as stopped:
+        sweeper.sweep([])
+    assert stopped.value.code == 2 and len(launched) == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert line.startswith("error: the trial returned None, not a number for Optuna")
+
+
+def test_a_grid_search_ends_with_its_grid(tmp_path):
+    import functools
+
+    launched, sweeper = search_with(tmp_path, lambda n: 0.5)
+    sweeper.sweeper.sampler = functools.partial(optuna.samplers.GridSampler)  # sampler=grid
+    grid = ["recipe.base_lr=choice(1e-3,2e-3)", "recipe.weight_decay=choice(0.05)"]
+    grid += ["model.drop_path_rate=choice(0)", "recipe.mixup_alpha=choice(0)"]
+    sweeper.sweep(grid)  # n_trials=20, but the grid has 2 points
+    assert sorted(job[0] for job in launched) == ["recipe.base_lr=0.001", "recipe.base_lr=0.002"]
+    assert OmegaConf.load(tmp_path / "optimization_results.yaml").best_value == 0.5
 
 
 def argv_probe(tmp_path) -> tuple[dict, Path]:
@@ -176,10 +367,16 @@ def test_optuna_search_with_ddp_resumes_after_interruption(tmp_path):
         text=True,
         check=True,
     ).stdout
-    rows = [line for line in table.splitlines() if line.startswith("| sweep/")]
-    assert [row.split(" | ")[0] for row in rows] == ["| sweep/0", "| sweep/2"]
-    for row, trial in zip(rows, (study.trials[0], study.trials[2]), strict=True):
-        assert f"| {100 * trial.value:.2f} |" in row  # best val/acc1, as the study saw it
+    header, *rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in table.splitlines()
+        if line.startswith("|") and "---" not in line
+    ]
+    assert header[:4] == list(SEARCHED)  # the sampled values, which differ between the trials
+    for cells, trial in zip(rows, (study.trials[0], study.trials[2]), strict=True):
+        row = dict(zip(header, cells, strict=True))
+        assert all(row[key] == setting_text(trial.params[key]) for key in SEARCHED), row
+        assert row["best val/acc1 (%)"] == f"{100 * trial.value:.2f}"  # as the study saw it
 
 
 # --- hydra/launcher=slurm and hydra/launcher=local --------------------------------------------

@@ -1,7 +1,8 @@
 """vitrain's Hydra plugins: what hydra-optuna-sweeper and hydra-submitit-launcher leave to the
 application, and nothing else (Hydra instantiates plugins only from the hydra_plugins package).
 
-- optuna_sweeper.OptunaSweeper (conf/hparams_search/): the plugin's sweeper, resumable.
+- optuna_sweeper.OptunaSweeper (conf/hparams_search/): the plugin's sweeper, resumable, and going
+  on past a failed trial once one has completed.
 - submitit_launcher.SubmititLocalLauncher (conf/hydra/launcher/local.yaml): the plugin's local
   launcher with DDP ranks as tasks and disjoint GPUs for the jobs that run at the same time.
 

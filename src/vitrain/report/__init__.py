@@ -11,7 +11,9 @@ from vitrain.report.compare import (
     format_value,
     load_reports,
     plot,
+    run_settings,
     setting_str,
+    setting_text,
     to_markdown,
     write_csv,
 )
@@ -29,7 +31,9 @@ __all__ = [
     "format_value",
     "load_reports",
     "plot",
+    "run_settings",
     "setting_str",
+    "setting_text",
     "to_markdown",
     "write_csv",
 ]

@@ -5,11 +5,14 @@
 
 Each PATH may be a run directory, a multirun directory, any parent of them, or a report file.
 Rows follow the order of the PATHs, then the natural order of the paths below each one (job 2
-before job 10). The columns are the config settings that differ between the runs (model,
-precision and devices for a single run), the performance summary and a speed-up: images/s
-divided by the baseline run's images/s. `--baseline KEY=VALUE` picks the baseline by a config
-setting (`container=pip`, `precision=32-true`); when several runs match, the first one is used
-and the footer says so (repeated runs of one setting are normal); no match is an error.
+before job 10). The columns are the settings that differ between the runs (model, precision and
+devices for a single run), the performance summary and a speed-up: images/s divided by the
+baseline run's images/s. A run's settings (`run_settings`) are its report's config essentials
+and its command-line overrides, such as the values an Optuna trial sampled; an override of an
+essential is that essential's column (`trainer.precision=...` is `precision`).
+`--baseline KEY=VALUE` picks the baseline by a setting (`container=pip`, `precision=32-true`,
+`recipe.base_lr=1e-3`); when several runs match, the first one is used and the footer says so
+(repeated runs of one setting are normal); no match is an error.
 Only the standard library and matplotlib (for --plot) are used, so the CLI needs no pandas.
 """
 
@@ -26,13 +29,14 @@ from typing import Any
 
 from vitrain.errors import UserError
 from vitrain.perf.metrics import COMPARED
-from vitrain.report.run_report import MISSING, REPORT_NAME
+from vitrain.report.run_report import MISSING, OVERRIDE_OF, REPORT_NAME
 
 # Shown when a single run leaves no differing setting to tell rows apart by.
 SINGLE_RUN_SETTINGS = ("model", "precision", "devices")
 COLUMNS = {metric.column: metric for metric in COMPARED}  # CSV column -> its metric
 SPEEDUP = "speedup"
 TIME_TO = "time_to_"  # time_to_<percent>_s: wall seconds until val/acc1 first reached it
+ESSENTIAL_OF = {override: essential for essential, override in OVERRIDE_OF.items()}
 
 
 def accuracy_columns(reports: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -59,7 +63,7 @@ class ReportError(UserError):
 class Comparison:
     """One row per run; values are raw numbers (None when absent), keyed by `keys`."""
 
-    settings: list[str]  # the config keys shown, in config order
+    settings: list[str]  # the settings shown: config essentials in config order, then overrides
     keys: list[str]  # every column key: settings, optionally "run", metrics, speed-up
     labels: dict[str, str]  # column key -> Markdown header
     rows: list[dict[str, Any]]
@@ -129,6 +133,42 @@ def setting_str(value: Any) -> str:
     return str(value)
 
 
+def setting_text(value: Any) -> str:
+    """A setting as the table shows it: setting_str, with a float to 3 significant digits, in
+    scientific notation below 0.01 and from 1000 on (3.2e-4, 0.05, 1e30)."""
+    if not isinstance(value, float) or not math.isfinite(value) or value == 0:
+        return setting_str(value)
+    if 1e-2 <= abs(value) < 1e3:
+        return f"{value:.3g}"
+    mantissa, exponent = f"{value:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def parse_value(text: str) -> Any:
+    """An override's value: a number as a number, so that 1e-3 and 0.001 are one value;
+    anything else as written."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def run_settings(report: dict[str, Any]) -> dict[str, Any]:
+    """Every setting of one run, by which the comparison tells runs apart and --baseline picks
+    one: the report's config essentials, then each command-line override (`overrides`: the
+    values a trial sampled, a -m job's values) that sets no essential. The essential holds what
+    the run used (`trainer.devices=auto` ran on `devices` 8): an override of it adds nothing."""
+    settings = flatten(report.get("config") or {})
+    for override in report.get("overrides") or []:
+        key, _, value = override.partition("=")
+        key = key.lstrip("+")  # `+key` adds what `key` would change: the same setting
+        if ESSENTIAL_OF.get(key, key) not in settings:
+            settings[key] = parse_value(value)
+    return settings
+
+
 def _number(value: Any) -> float | None:
     # Absent keys, nulls, NaN and non-numbers all read as "not recorded".
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
@@ -148,10 +188,12 @@ def _pick_baseline(configs: list[dict[str, Any]], baseline: str | None) -> tuple
     key, sep, value = baseline.partition("=")
     if not sep or not key:
         raise ReportError(f"--baseline {baseline}: expected KEY=VALUE, e.g. container=pip")
+    key = ESSENTIAL_OF.get(key, key)  # trainer.precision=32-true: the precision column
     if not any(key in c for c in configs):
         known = ", ".join(sorted({k for c in configs for k in c}))
         raise ReportError(f"--baseline {baseline}: no run has config key {key!r} ({known})")
-    matches = [i for i, c in enumerate(configs) if key in c and setting_str(c[key]) == value]
+    wanted = setting_str(parse_value(value))  # 1e-3 matches a run's 0.001
+    matches = [i for i, c in enumerate(configs) if key in c and setting_str(c[key]) == wanted]
     if not matches:
         seen = ", ".join(dict.fromkeys(setting_str(c.get(key)) for c in configs))
         raise ReportError(f"--baseline {baseline}: no run has {key}={value} (runs have {seen})")
@@ -165,10 +207,11 @@ def _pick_baseline(configs: list[dict[str, Any]], baseline: str | None) -> tuple
 
 
 def compare(reports: Sequence[dict[str, Any]], baseline: str | None = None) -> Comparison:
-    """The comparison table of `reports`; `baseline` is KEY=VALUE on config (default: row 1)."""
+    """The comparison table of `reports`; `baseline` is KEY=VALUE of a setting (default: row 1)."""
     if not reports:
         raise ReportError("no run reports to compare")
-    configs = [flatten(r.get("config") or {}) for r in reports]
+    configs = [run_settings(r) for r in reports]
+    essentials = {k for r in reports for k in flatten(r.get("config") or {})}
     all_keys = list(dict.fromkeys(k for c in configs for k in c))
     if len(reports) == 1:
         settings = [k for k in SINGLE_RUN_SETTINGS if k in configs[0]]
@@ -177,7 +220,10 @@ def compare(reports: Sequence[dict[str, Any]], baseline: str | None = None) -> C
         settings = [
             k for k in all_keys if len({setting_str(c.get(k, MISSING)) for c in configs}) > 1
         ]
-    run_labels = [", ".join(f"{k}={setting_str(c.get(k))}" for k in settings) for c in configs]
+    run_labels = [
+        ", ".join(f"{k}={setting_text(c[k]) if k in c else MISSING}" for k in settings)
+        for c in configs
+    ]
     # Repeats of one setting would give identical rows: add the run directory to tell them apart.
     show_run = len(reports) > 1 and len(set(run_labels)) < len(run_labels)
     if show_run or not settings:
@@ -214,6 +260,18 @@ def compare(reports: Sequence[dict[str, Any]], baseline: str | None = None) -> C
             "time to X %: wall seconds from the start of training until val/acc1 first reached "
             f"X ({MISSING}: not reached)"
         )
+    # A failed trial of a search keeps its report: its figures are those of a run cut short.
+    unfinished = [
+        f"row {i + 1} {status}"
+        for i, r in enumerate(reports)
+        if (status := (r.get("run") or {}).get("status", "finished")) != "finished"
+    ]
+    if unfinished:
+        notes.append(f"not finished: {', '.join(unfinished)}")
+    # An override is recorded only by the runs that gave it: the others ran the config's value.
+    unset = [k for k in settings if k not in essentials and any(k not in c for c in configs)]
+    if unset:
+        notes.append(f"{MISSING} under {', '.join(unset)}: not overridden (the config's value)")
     return Comparison(settings, list(labels), labels, rows, run_labels, base, notes)
 
 
@@ -225,7 +283,7 @@ def format_value(key: str, value: Any) -> str:
         return COLUMNS[key].format(value, MISSING)
     if key.startswith(TIME_TO):
         return MISSING if value is None else f"{value:.1f}"
-    return MISSING if value is None else setting_str(value)
+    return MISSING if value is None else setting_text(value)
 
 
 def to_markdown(comparison: Comparison) -> str:

@@ -164,6 +164,30 @@ def hydra_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+# The command-line override that sets each config essential of build_run_report, so that
+# `python -m vitrain.report` shows a setting once, by the essential's name and with the value the
+# run used: `trainer.precision=bf16` ran as precision bf16-mixed, `trainer.devices=auto` on 8.
+OVERRIDE_OF = {
+    "model": "model",
+    "model_name": "model.name",
+    "image_size": "data.image_size",
+    "num_classes": "data.num_classes",
+    "data": "data",
+    "precision": "trainer.precision",
+    "strategy": "strategy",
+    "accelerator": "trainer.accelerator",
+    "devices": "trainer.devices",
+    "nodes": "trainer.num_nodes",
+    "global_batch": "data.batch_size",
+    "accumulate_grad_batches": "trainer.accumulate_grad_batches",
+    "container": "container",
+    "compile": "runtime.compile",
+    "max_epochs": "trainer.max_epochs",
+    "seed": "seed",
+    "tags": "tags",
+}
+
+
 def build_run_report(
     cfg,
     trainer,
