@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, run_train
+from conftest import ROOT, TINY, run_train
 
 from vitrain.errors import UserError
 
@@ -111,6 +111,22 @@ def test_a_checkpoint_of_another_model_names_the_tensor_and_the_setting(
         run_train([*SHORT, "trainer.max_epochs=4", override], run)
     message = str(err.value)
     assert tensor in message and f"resume with {setting}" in message, message
+    assert file_hashes(run) == before
+
+
+def test_a_checkpoint_of_other_classes_is_one_error_naming_them(three_epochs, tmp_path):
+    """The same number of classes, one class folder renamed: the shapes fit, the labels not."""
+    run = copy_run(three_epochs, tmp_path)
+    digits = tmp_path / "digits"
+    shutil.copytree(ROOT / "data" / "digits", digits)
+    for split in ("train", "val"):
+        (digits / split / "9").rename(digits / split / "nine")
+    before = file_hashes(run)
+    with pytest.raises(UserError) as err:
+        run_train([*SHORT, "trainer.max_epochs=4", f"data.root={digits}"], run)
+    message = str(err.value)
+    assert "was trained on other classes than data.root's" in message, message
+    assert "only in the checkpoint: 9; only in data.root: nine" in message, message
     assert file_hashes(run) == before
 
 

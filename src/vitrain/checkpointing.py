@@ -18,6 +18,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from vitrain.data.layout import class_difference
 from vitrain.errors import UserError
 from vitrain.preemption import LAST
 
@@ -130,6 +131,23 @@ def first_mismatch(saved: dict[str, torch.Tensor], expected: dict[str, torch.Ten
     return f"{extra} is in the checkpoint but not in this model" if extra else None
 
 
+def check_classes_match(path: Path, checkpoint: dict, classes: list[str] | None) -> None:
+    """A checkpoint trained on other classes than the data's (its class folders renamed, some
+    added or removed at the same count): one error naming them. A checkpoint written before
+    runs recorded their class names, or data without names (synthetic), is not checked."""
+    trained = (checkpoint.get("datamodule_hyper_parameters") or {}).get("classes")
+    if not trained or not classes or list(trained) == list(classes):
+        return
+    difference = class_difference(list(trained), "the checkpoint", list(classes), "data.root")
+    raise UserError(
+        f"checkpoint {path} was trained on other classes than data.root's ({difference}): a "
+        "class's index is its place among the sorted class names, so this run would train "
+        "its images with other classes' labels. Resume with the data the run was trained on, "
+        "or start a new run (another hydra.run.dir, or resume=never here; model.init_from "
+        "starts from its weights with a new head)."
+    )
+
+
 def check_fits(path: Path, checkpoint: dict, module: torch.nn.Module, cfg: DictConfig) -> None:
     """A checkpoint of another model or image size: one error naming the first mismatched
     tensor and the settings that differ."""
@@ -187,13 +205,14 @@ def remove_temporaries(checkpoint_dir: Path) -> None:
 
 
 def choose_checkpoint(
-    cfg: DictConfig, output_dir: Path, module: torch.nn.Module
+    cfg: DictConfig, output_dir: Path, module: torch.nn.Module, classes: list[str] | None = None
 ) -> ResumePoint | None:
     """The checkpoint to resume from: `ckpt_path` when given; with resume=auto the newest
     readable checkpoint of this run directory (newer unreadable ones are moved aside with a
-    warning); with resume=never none. Checkpoints of the run directory that the chosen state
-    does not know (an abandoned timeline, or all of them with resume=never) are moved aside,
-    so that no stale best checkpoint stays beside the new ones."""
+    warning); with resume=never none. It must fit the model and the data's `classes`.
+    Checkpoints of the run directory that the chosen state does not know (an abandoned
+    timeline, or all of them with resume=never) are moved aside, so that no stale best
+    checkpoint stays beside the new ones."""
     if cfg.resume not in RESUME:
         raise UserError(f"resume={cfg.resume} is not one of {', '.join(RESUME)}.")
     checkpoint_dir = output_dir / "checkpoints"
@@ -214,6 +233,7 @@ def choose_checkpoint(
         chosen, checkpoint, unreadable = _newest_readable(candidates, checkpoint_dir)
     if checkpoint is not None:
         check_fits(chosen, checkpoint, module, cfg)
+        check_classes_match(chosen, checkpoint, classes)
     # From here on the resume goes ahead; nothing was changed before.
     remove_temporaries(checkpoint_dir)
     if unreadable:

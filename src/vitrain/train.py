@@ -275,7 +275,7 @@ def _train(cfg: DictConfig, extra_callbacks: list[Callback]) -> dict[str, float]
     trainer = build_trainer(cfg, callbacks, loggers)
     preflight(cfg, trainer, module)
     # Before any logger writes: a resume that cannot go ahead changes no file of the run.
-    resume = choose_checkpoint(cfg, output_dir, module)
+    resume = choose_checkpoint(cfg, output_dir, module, datamodule.hparams.get("classes"))
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["container_detected"] = container
     params = redact(resolved)

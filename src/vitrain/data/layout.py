@@ -124,7 +124,10 @@ def _names(names: set[str]) -> str:
     return ", ".join(shown) + more if names else "none"
 
 
-def _difference(expected: list[str], expected_name: str, found: list[str], found_name: str) -> str:
+def class_difference(
+    expected: list[str], expected_name: str, found: list[str], found_name: str
+) -> str:
+    """How two lists of class names differ, for an error message."""
     only_expected, only_found = set(expected) - set(found), set(found) - set(expected)
     if not (only_expected or only_found):  # a shard index can list them in any order
         return f"the same names, in another order: {', '.join(found[:SHOWN])}"
@@ -148,7 +151,7 @@ def check_same_classes(
             continue
         if named is None:
             what = f"{where}/train and {where}/{split} have different class folders"
-            difference = _difference(reference, "train", classes, split)
+            difference = class_difference(reference, "train", classes, split)
             index, fix = "its place among the sorted folder names", "Give both splits the same"
         else:
             what = (
@@ -156,7 +159,7 @@ def check_same_classes(
                 f"{len(named)} class names the model was trained on (eval.py reads them from its "
                 "checkpoint)"
             )
-            difference = _difference(reference, "data.classes", classes, split)
+            difference = class_difference(reference, "data.classes", classes, split)
             index, fix = "its place in data.classes", f"Give {split}/ data.classes' names as its"
         raise UserError(
             f"{what} ({difference}): a class's index is {index}, so {split}/ would be scored "
