@@ -81,6 +81,14 @@ def quickstart_run(tmp_path_factory) -> Path:
     return out
 
 
+# A run on the CPU with only what every run has: no logger, checkpoints or progress bar.
+BARE_CPU = [
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+    "logger=none",
+    "callbacks=base",
+]
+
 # A real tiny CPU run on synthetic batches (add data.batch_size): the runs reports are made of.
 REAL_RUN = [
     "experiment=quickstart",
@@ -90,10 +98,7 @@ REAL_RUN = [
     "data.train_batches=8",
     "data.val_batches=1",
     "trainer.max_epochs=2",
-    "trainer.accelerator=cpu",
-    "logger=none",
-    "callbacks=base",
-    "trainer.enable_progress_bar=false",
+    *BARE_CPU,
 ]
 
 

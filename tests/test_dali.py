@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import compose_config, run_cli, run_train
+from conftest import BARE_CPU, compose_config, run_cli, run_train
 from hydra.errors import ConfigCompositionException
 from PIL import Image
 
@@ -320,10 +320,7 @@ def test_a_short_fit_with_data_imagenet_dali_on_cpu(tmp_path):
             "data.batch_size=4",
             "data.threads=1",
             "trainer.max_epochs=1",
-            "trainer.accelerator=cpu",
-            "trainer.enable_progress_bar=false",
-            "logger=none",
-            "callbacks=base",
+            *BARE_CPU,
         ],
         tmp_path / "run",
     )

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import compose_config, requires_gpu, run_train
+from conftest import BARE_CPU, compose_config, requires_gpu, run_train
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
@@ -36,12 +36,9 @@ TINY_STEPS = [
     "data.batch_size=16",
     "data.train_batches=6",
     "trainer.max_epochs=1",
-    "trainer.accelerator=cpu",
     "trainer.limit_val_batches=0",
     "trainer.num_sanity_val_steps=0",
-    "logger=none",
-    "callbacks=base",
-    "trainer.enable_progress_bar=false",
+    *BARE_CPU,
 ]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import TINY, compose_config, run_train
+from conftest import BARE_CPU, TINY, compose_config, run_train
 from lightning.pytorch import Callback
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
@@ -252,10 +252,7 @@ def test_finetune_experiment_on_synthetic_batches_starts_from_the_file(tmp_path)
             "data.train_batches=2",
             "data.val_batches=1",
             "trainer.max_epochs=1",
-            "trainer.accelerator=cpu",
-            "trainer.enable_progress_bar=false",
-            "logger=none",
-            "callbacks=base",
+            *BARE_CPU,
         ],
         tmp_path / "run",
         [start],
