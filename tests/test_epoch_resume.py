@@ -1,6 +1,7 @@
 """A run stopped mid-epoch and resumed sees every sample of that epoch exactly once (the
 ImageFolder and the shard loaders; DDP: tests/test_resilience.py, the stop signals)."""
 
+import json
 import logging
 import os
 import signal
@@ -54,6 +55,12 @@ def test_a_run_stopped_mid_epoch_and_resumed_sees_each_sample_of_that_epoch_once
     run_train(overrides, tmp_path / "run", [SampleRecorder(samples)])
     assert sorted(samples_of_epoch(samples, 1)) == list(range(48))  # each once
     assert sorted(samples_of_epoch(samples, 0)) == list(range(48))
+    # The interrupted epoch's figures, and images and time to accuracy, count the batches
+    # trained before the stop too.
+    epochs = json.loads((tmp_path / "run" / "run_report.json").read_text())["epochs"]
+    assert [e["images_seen"] for e in epochs] == [48, 96]
+    assert [round(e["perf/epoch_time_s"] * e["perf/images_per_s"]) for e in epochs] == [48, 48]
+    assert epochs[1]["elapsed_s"] > epochs[0]["elapsed_s"]
 
 
 def sampler_loader(rank: int, world: int, batch: int, resume=None) -> ResumableLoader:

@@ -57,8 +57,11 @@ class SpeedMonitor(pl.Callback):
     The keys it logs and how the run report summarises them: vitrain.perf.metrics. Each epoch's
     record in `history` also holds `images_seen` and `elapsed_s` (since the start of training)
     up to that epoch's end, which time-to-accuracy is computed from; a resumed run carries both
-    on from its checkpoint, so they count the training of every attempt (not the time between
-    attempts, nor the part of an interrupted epoch that was trained again or lost).
+    on from its checkpoint, so they count the training of every attempt. A checkpoint saved
+    inside an epoch (a stop signal's) carries that epoch's counts so far (rank 0's: the ranks'
+    batches are equal), and the resumed epoch starts from them, so its figures are those of the
+    whole epoch across both attempts. Not counted: the time between attempts, and what a kill
+    after the last checkpoint lost.
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class SpeedMonitor(pl.Callback):
         self._first_step_logged = False
         self._images_seen = 0.0
         self._elapsed_before = 0.0  # training seconds of the attempts before this one
+        self._interrupted: dict[str, Any] | None = None  # the checkpoint's epoch in progress
         self._last_size: int | None = None  # the training size of the previous epoch
         # Host seconds the loop has waited for batches since training started, all epochs; read
         # by StepProfiler for the data wait of its window (one measurement, two readers).
@@ -131,10 +135,16 @@ class SpeedMonitor(pl.Callback):
         self._train_start = synchronized_now(trainer)
         # A run resumed mid-epoch gets no on_train_epoch_start for the epoch it continues.
         self.on_train_epoch_start(trainer, pl_module)
+        interrupted, self._interrupted = self._interrupted, None
+        if interrupted is not None and interrupted["epoch"] == trainer.current_epoch:
+            self._images = interrupted["images"]
+            self._train_time = interrupted["train_time_s"]
+            self._wait_time = interrupted["wait_s"]
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._backfill_epoch_metrics(trainer)
         self._in_epoch = True
+        self._epoch = trainer.current_epoch
         self._train_time = self._wait_time = 0.0
         self._images = 0
         self._step_times: list[float] = []
@@ -271,14 +281,30 @@ class SpeedMonitor(pl.Callback):
     # --- the history travels with the checkpoints ---------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Every epoch's figures so far: a resumed run's history is that of the checkpoint it
-        resumed from, then its own (the run report covers the whole run, not one attempt)."""
-        return {"history": [dict(record) for record in self.history]}
+        resumed from, then its own (the run report covers the whole run, not one attempt); and,
+        saved inside an epoch, the images and time up to the save."""
+        state: dict[str, Any] = {"history": [dict(record) for record in self.history]}
+        if self._in_epoch and self._images and self._train_start is not None:
+            now = time.perf_counter()
+            open_segment = now - self._segment_start if self._segment_batches else 0.0
+            state["in_epoch"] = {
+                "epoch": self._epoch,
+                "images": self._images,
+                "train_time_s": self._train_time + open_segment,
+                "wait_s": self._wait_time,
+                "elapsed_s": self._elapsed_before + now - self._train_start,
+            }
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(record) for record in state_dict.get("history", [])]
-        if self.history:  # time and images to accuracy go on from where the checkpoint was
+        # Time and images to accuracy go on from where the checkpoint was.
+        if self.history:
             self._images_seen = self.history[-1].get("images_seen") or 0.0
             self._elapsed_before = self.history[-1].get("elapsed_s") or 0.0
+        self._interrupted = state_dict.get("in_epoch")
+        if self._interrupted is not None:
+            self._elapsed_before = self._interrupted["elapsed_s"]
 
 
 def _scalar_metrics(trainer: pl.Trainer, prefix: str) -> dict[str, float]:
