@@ -5,13 +5,13 @@ app by itself, so VITRAIN_RUN_ID gives them one run directory and a relaunch res
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 from conftest import ROOT
+from lightning.fabric.plugins.environments.lightning import find_free_network_port
 
 RUN = [
     "experiment=quickstart",
@@ -26,15 +26,9 @@ RUN = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def torchrun_two_nodes(overrides: list[str], log_dir: Path) -> list[subprocess.CompletedProcess]:
     """Both nodes' `torchrun --nnodes=2 --node-rank=N ... train.py`, side by side."""
-    port = free_port()
+    port = find_free_network_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_API")}
     env |= {"VITRAIN_LOG_DIR": str(log_dir), "VITRAIN_RUN_ID": "two-nodes", "OMP_NUM_THREADS": "1"}
     nodes = [

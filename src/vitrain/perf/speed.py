@@ -298,13 +298,12 @@ class SpeedMonitor(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(record) for record in state_dict.get("history", [])]
-        # Time and images to accuracy go on from where the checkpoint was.
-        if self.history:
-            self._images_seen = self.history[-1].get("images_seen") or 0.0
-            self._elapsed_before = self.history[-1].get("elapsed_s") or 0.0
         self._interrupted = state_dict.get("in_epoch")
-        if self._interrupted is not None:
-            self._elapsed_before = self._interrupted["elapsed_s"]
+        # Time and images to accuracy go on from where the checkpoint was: the last epoch's
+        # end, or the save inside the epoch after it.
+        last_epoch = self.history[-1] if self.history else {}
+        self._images_seen = last_epoch.get("images_seen") or 0.0
+        self._elapsed_before = (self._interrupted or last_epoch).get("elapsed_s") or 0.0
 
 
 def _scalar_metrics(trainer: pl.Trainer, prefix: str) -> dict[str, float]:
